@@ -1,0 +1,115 @@
+"""Sub-network specs: the rates and ranks of every gate group, as a value object.
+
+A `SubnetSpec` is what the search produces and what slimming, fine-tuning and
+export consume. JSON form (`to_json`):
+  {"arch": "resnet56", "num_classes": 10, "input_shape": [32, 32, 3],
+   "groups": {"stream0": {"channels": 16, "rate": 0.75, "rank": [...],
+                          "kept_indices": [...]}, ...}}
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+
+import numpy as np
+
+from ekg_tf.models.gates import kept_count
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupState:
+    channels: int
+    rate: float
+    rank: tuple
+
+    @property
+    def kept(self) -> int:
+        return kept_count(self.channels, self.rate)
+
+    def kept_indices(self) -> list[int]:
+        rank = np.asarray(self.rank)
+        return np.flatnonzero(rank < self.kept).tolist()
+
+
+@dataclasses.dataclass(frozen=True)
+class SubnetSpec:
+    arch: str
+    num_classes: int
+    input_shape: tuple
+    groups: dict  # name -> GroupState
+
+    @classmethod
+    def from_model(cls, model) -> "SubnetSpec":
+        groups = {g.name: GroupState(g.channels, float(g.rate), tuple(int(r) for r in g.rank))
+                  for g in model.gate_groups}
+        return cls(model.arch.name, model.num_classes, tuple(model.image_shape), groups)
+
+    @property
+    def rates(self) -> dict:
+        return {name: g.rate for name, g in self.groups.items()}
+
+    def check_fits(self, model) -> None:
+        if model.arch.name != self.arch:
+            raise ValueError(f"sub-network spec is for {self.arch}, model is {model.arch.name}")
+        names = [g.name for g in model.gate_groups]
+        if sorted(names) != sorted(self.groups):
+            raise ValueError(f"sub-network spec groups do not match {model.arch.name}'s gate groups")
+        for g in model.gate_groups:
+            if self.groups[g.name].channels != g.channels:
+                raise ValueError(f"group {g.name!r}: spec has {self.groups[g.name].channels} "
+                                 f"channels, model has {g.channels}")
+
+    def apply_to(self, model) -> None:
+        """Sets every gate group of `model` to this spec's rank and rate."""
+        self.check_fits(model)
+        for g in model.gate_groups:
+            state = self.groups[g.name]
+            g.rank = state.rank
+            g.rate = state.rate
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch, "num_classes": self.num_classes,
+                "input_shape": list(self.input_shape),
+                "groups": {name: {"channels": g.channels, "rate": g.rate, "kept": g.kept,
+                                  "rank": list(g.rank), "kept_indices": g.kept_indices()}
+                           for name, g in self.groups.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SubnetSpec":
+        try:
+            groups = {name: GroupState(int(g["channels"]), float(g["rate"]),
+                                       tuple(int(r) for r in g["rank"]))
+                      for name, g in d["groups"].items()}
+            return cls(str(d["arch"]), int(d["num_classes"]), tuple(d["input_shape"]), groups)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not a sub-network spec ({type(e).__name__}: {e})") from None
+
+    def to_json(self, path: str) -> None:
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
+
+    @classmethod
+    def from_json(cls, path: str) -> "SubnetSpec":
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"sub-network spec {path!r} does not exist "
+                                    "(run ekg-search first)")
+        with open(path) as f:
+            return cls.from_dict(json.load(f))
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Writes `text` to `path` via a temp file + rename, so readers never see half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
