@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 
 import numpy as np
 
 from ekg_tf.models.gates import kept_count
+from ekg_tf.utils.io import atomic_write_text
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,20 +96,3 @@ class SubnetSpec:
                                     "(run ekg-search first)")
         with open(path) as f:
             return cls.from_dict(json.load(f))
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Writes `text` to `path` via a temp file + rename, so readers never see half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

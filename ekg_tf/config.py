@@ -1,0 +1,114 @@
+"""Default configuration (ml_collections), one function per section.
+
+Experiment files in `configs/` start from `base_config()` and override; every
+key can be overridden from the command line (`--config.train.epochs=3`).
+"""
+from __future__ import annotations
+
+import ml_collections
+
+
+def model_config():
+    return ml_collections.ConfigDict(dict(
+        arch="resnet56",        # resnet20/32/56/110 (CIFAR), resnet18/34/50 (ImageNet)
+        init="",                # weights to start from: .npz/.pkl (reference), .weights.h5, checkpoint
+        sync_bn=True,           # all-reduce BN batch statistics over replicas
+    ))
+
+
+def data_config():
+    return ml_collections.ConfigDict(dict(
+        source="npz",           # npz | tfds | folder | synthetic
+        name="cifar10",         # cifar10 | cifar100 | imagenet2012 | synthetic
+        num_classes=0,          # 0: from the dataset name
+        normalization="",       # "": the dataset's reference normalisation
+        train_path="",
+        test_path="",
+        tfds_data_dir="",
+        tfds_manual_dir="",     # imagenet2012: folder with the ILSVRC tars
+        image_size=32,
+        batch_size=128,         # global batch size
+        eval_batch_size=256,
+        shuffle_buffer=10_000,
+        synthetic_train_size=2048,
+        synthetic_test_size=512,
+        val_per_class=32,       # search validation: last N images of each class (train split)
+        adapt_per_class=256,    # adaptation pass: first N images of each class
+    ))
+
+
+def train_config():
+    return ml_collections.ConfigDict(dict(
+        epochs=100,
+        steps=0,                # >0: stop after this many steps (overrides epochs)
+        optimizer="sgd",
+        learning_rate=0.1,
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,      # L2 added to the gradients, as the reference
+        schedule="step",        # step | cosine | constant
+        decay_boundaries=(0.3, 0.6, 0.8),   # fractions of training
+        decay_factor=0.2,
+        warmup_steps=0,
+        checkpoint_every_steps=500,
+        keep_checkpoints=3,
+        eval_every_epochs=1,
+        log_every_steps=50,
+        seed=0,
+        jit_compile="auto",     # auto (on for GPU, off for CPU) | true | false
+    ))
+
+
+def search_config():
+    return ml_collections.ConfigDict(dict(
+        target_ratio=0.45,      # stop when MACs(sub-network)/MACs(full) <= target
+        search_step=0.2,
+        batch_size=256,
+        objective="ekg",        # ekg | loss | accuracy
+        importance="taylor",    # taylor | l1
+        adapt=True,             # the reference's short adaptation pass before searching
+        adapt_learning_rate=1e-3,
+        adapt_batch_size=256,
+        num_teachers=5,
+        memory_bank_topk=0,     # 0: full logits; k>0: top-k logits per teacher (ImageNet)
+        memory_bank_shard_size=10_000,
+        bn_recalibration_images=4096,
+        max_steps=1000,
+    ))
+
+
+def finetune_config():
+    return ml_collections.ConfigDict(dict(
+        mode="ekg",             # ekg | plain | kd (knowledge of the unpruned network only)
+        temperature=0.0,        # 0: 4 for CIFAR, 10 for ImageNet
+        epochs=100,
+        learning_rate=1e-2,
+        steps=0,
+        train_subset=0,         # >0: use only this many training images (short runs)
+    ))
+
+
+def export_config():
+    return ml_collections.ConfigDict(dict(
+        model_name="ekg_model",
+        version=0,              # 0: next free version number
+        input_contract="images",  # images (float, normalised) | images_uint8 | image_bytes
+        fold_batch_norm=True,
+        opset=17,
+        representative_images=256,
+        verify_images=1000,
+        latency_runs=20,
+    ))
+
+
+def base_config():
+    config = ml_collections.ConfigDict()
+    config.model = model_config()
+    config.data = data_config()
+    config.train = train_config()
+    config.search = search_config()
+    config.finetune = finetune_config()
+    config.export = export_config()
+    config.strategy = "mirrored"    # mirrored | one_device | multi_worker (auto when TF_CONFIG)
+    config.seed = 0
+    return config

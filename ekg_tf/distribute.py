@@ -1,0 +1,45 @@
+"""Choosing the tf.distribute strategy, and jit policy."""
+from __future__ import annotations
+
+import json
+import os
+
+import tensorflow as tf
+
+
+def make_strategy(name: str = "mirrored") -> tf.distribute.Strategy:
+    """mirrored (all visible GPUs, else the CPU) | one_device | multi_worker.
+
+    With `TF_CONFIG` set, `MultiWorkerMirroredStrategy` is used whatever the name.
+    """
+    if os.environ.get("TF_CONFIG") or name == "multi_worker":
+        if not os.environ.get("TF_CONFIG"):
+            raise ValueError("strategy 'multi_worker' needs TF_CONFIG describing the cluster")
+        json.loads(os.environ["TF_CONFIG"])  # a clear JSON error early
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    gpus = tf.config.list_logical_devices("GPU")
+    if name == "mirrored":
+        if gpus:
+            return tf.distribute.MirroredStrategy()
+        cpus = tf.config.list_logical_devices("CPU")
+        return tf.distribute.MirroredStrategy([d.name for d in cpus])
+    if name == "one_device":
+        return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
+    raise ValueError(f"unknown strategy {name!r}; choose mirrored, one_device or multi_worker")
+
+
+def use_jit(setting) -> bool:
+    """'auto' compiles with XLA on GPU only (on CPU it is ~3x slower here)."""
+    if isinstance(setting, bool):
+        return setting
+    setting = str(setting).lower()
+    if setting == "auto":
+        return bool(tf.config.list_physical_devices("GPU"))
+    return setting in ("true", "1", "yes")
+
+
+def split_cpu_devices(n: int) -> None:
+    """Splits the CPU into `n` logical devices (tests of multi-replica behaviour)."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])

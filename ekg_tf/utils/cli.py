@@ -1,0 +1,41 @@
+"""Shared CLI plumbing: clear errors instead of tracebacks, one JSON line at the end."""
+from __future__ import annotations
+
+import json
+import sys
+
+
+class UserError(Exception):
+    """Bad input from the user: printed as one clear message, exit status 2."""
+
+
+# Errors that carry a message meant for the user (raised on bad input by the library).
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, KeyError, FileExistsError)
+
+
+def print_result(result: dict) -> None:
+    """The last stdout line of every CLI: one JSON object of key results."""
+    sys.stdout.flush()
+    print(json.dumps(result, default=_json_default), flush=True)
+
+
+def _json_default(o):
+    import numpy as np
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    return str(o)
+
+
+def run_main(main_fn):
+    """Wraps an absl main: user errors -> 'error: ...' on stderr + JSON + exit 2."""
+    def wrapped(argv):
+        try:
+            return main_fn(argv)
+        except USER_ERRORS as e:
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            print(f"error: {msg}", file=sys.stderr)
+            print_result({"status": "error", "error": str(msg)})
+            sys.exit(2)
+    return wrapped
