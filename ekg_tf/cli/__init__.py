@@ -1,0 +1,1 @@
+"""absl command-line apps (installed as console scripts ekg-*)."""
