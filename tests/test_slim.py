@@ -1,0 +1,220 @@
+"""Physical slimming (ekg_tf.slim): gated logits == slim logits == BN-folded logits,
+and BN re-estimation on training images (spec sections 2, 6, 9).
+
+Tolerances (float32): logits agree within 1e-4 * max(1, max |logit|) absolute.
+The ResNet-56 sub-network here is NOT a search result (the search writes
+workdir/search/subnet.json, not available to these tests): it is the
+deterministic stand-in of `export.subnets.l1_uniform_subnet` (L1-norm filter
+ranks, one uniform rate lowered until ComplexityCounter.macs_ratio <= 0.45).
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from ekg_tf.data import normalize  # noqa: E402
+from ekg_tf.flops import ComplexityCounter, complexity_graph  # noqa: E402
+from ekg_tf.models import build_model  # noqa: E402
+from ekg_tf.slim import fold_batch_norm, recalibrate_batch_norm, slim_model  # noqa: E402
+from ekg_tf.subnet import SubnetSpec  # noqa: E402
+from export.subnets import l1_uniform_subnet  # noqa: E402
+
+ALLOWED = {"InputLayer", "Conv2D", "BatchNormalization", "ReLU", "Add", "MaxPooling2D",
+           "GlobalAveragePooling2D", "Dense"}
+RES56 = os.path.join(SHARED, "reference", "res56_cifar10.npz")
+TRAIN = os.path.join(SHARED, "data", "cifar10", "cifar10_train.npz")
+TEST1000 = os.path.join(SHARED, "data", "cifar10", "cifar10_test1000_lossless.npz")
+needs_shared = pytest.mark.skipif(
+    not all(os.path.exists(p) for p in (RES56, TRAIN, TEST1000)),
+    reason=f"shared reference weights/data not found under {SHARED}")
+
+
+def assert_logits_close(a, b, what, rel=1e-4):
+    a, b = np.asarray(a), np.asarray(b)
+    tol = rel * max(1.0, float(np.abs(a).max()))
+    diff = float(np.abs(a - b).max())
+    assert diff <= tol, f"{what}: max abs logit diff {diff:.3g} > {tol:.3g}"
+    return diff
+
+
+def randomize(model, seed):
+    """Random BN parameters/statistics and a random sub-network (ranks and rates)."""
+    rng = np.random.default_rng(seed)
+    for bn, _ in model.batch_norms():
+        for v in (bn.gamma, bn.beta, bn.moving_mean):
+            v.assign(rng.normal(0, 0.5, v.shape).astype(np.float32))
+        bn.moving_variance.assign(rng.uniform(0.5, 2.0, bn.moving_variance.shape)
+                                  .astype(np.float32))
+    for g in model.gate_groups:
+        g.rank = rng.permutation(g.channels)
+        g.rate = float(rng.uniform(0.05, 1.0))
+    return SubnetSpec.from_model(model)
+
+
+@pytest.fixture(scope="module")
+def resnet20():
+    model = build_model("resnet20", 10)
+    spec = randomize(model, 0)
+    x = np.random.default_rng(1).normal(size=(16, 32, 32, 3)).astype(np.float32)
+    return model, spec, x
+
+
+def test_resnet20_random_subnet_parity(resnet20, tmp_path):
+    model, spec, x = resnet20
+    slim = slim_model(model, spec)
+    kinds = {type(layer).__name__ for layer in slim.layers}
+    assert kinds <= ALLOWED, f"unexpected layer types {kinds - ALLOWED}"
+    # Shapes follow the kept channels of the spec.
+    kept = {n: g.kept for n, g in spec.groups.items()}
+    assert slim.get_layer("conv").kernel.shape[-1] == kept["stream0"]
+    assert slim.get_layer("block0_0_conv1").kernel.shape[-1] == kept["block0_0/gate1"]
+    assert slim.get_layer("block1_0_conv3").kernel.shape[-2:] == (kept["stream0"],
+                                                                  kept["stream1"])
+    assert slim.get_layer("fc").kernel.shape == (kept["stream2"], 10)
+    counter = ComplexityCounter(complexity_graph(model))
+    expected = counter.count(spec.rates)
+    n_bn_stats = sum(2 * l.gamma.shape[0] for l in slim.layers
+                     if isinstance(l, keras.layers.BatchNormalization))
+    assert slim.count_params() == expected.params + n_bn_stats
+
+    gated = model(x, training=False).numpy()
+    out = slim(x, training=False).numpy()
+    assert_logits_close(gated, out, "gated vs slim")
+    folded = fold_batch_norm(slim)
+    assert not any(isinstance(l, keras.layers.BatchNormalization) for l in folded.layers)
+    assert_logits_close(out, folded(x).numpy(), "slim vs BN-folded")
+
+    # A plain .keras file: loads without custom objects and gives the same logits.
+    path = str(tmp_path / "slim.keras")
+    slim.save(path)
+    loaded = keras.models.load_model(path, compile=False)
+    np.testing.assert_array_equal(loaded(x).numpy(), out)
+
+
+def test_spec_does_not_touch_gated_model(resnet20):
+    model, spec, _ = resnet20
+    before = SubnetSpec.from_model(model)
+    other = SubnetSpec.from_dict({**spec.to_dict(), "groups": {
+        n: {**g, "rate": 1.0} for n, g in spec.to_dict()["groups"].items()}})
+    dense = slim_model(model, other)
+    assert SubnetSpec.from_model(model) == before
+    assert dense.get_layer("conv").kernel.shape[-1] == 16
+
+
+def test_wrong_spec_is_refused(resnet20):
+    model, _, _ = resnet20
+    other = SubnetSpec.from_model(build_model("resnet32", 10))
+    with pytest.raises(ValueError, match="resnet32"):
+        slim_model(model, other)
+
+
+def test_resnet50_bottleneck_parity():
+    """The ImageNet stem (7x7/2 + max-pool), 'stem' group and bottleneck gates slim too."""
+    model = build_model("resnet50", 10, input_shape=(64, 64, 3))
+    spec = randomize(model, 3)
+    x = np.random.default_rng(4).normal(size=(2, 64, 64, 3)).astype(np.float32)
+    slim = slim_model(model, spec)
+    assert {type(l).__name__ for l in slim.layers} <= ALLOWED
+    out = slim(x).numpy()
+    assert_logits_close(model(x).numpy(), out, "resnet50 gated vs slim")
+    assert_logits_close(out, fold_batch_norm(slim)(x).numpy(), "resnet50 slim vs folded")
+
+
+def test_recalibration_single_batch_equals_batch_statistics(resnet20):
+    """One batch: the re-estimated statistics are that batch's, so inference == training mode."""
+    model, spec, x = resnet20
+    slim = slim_model(model, spec)
+    recalibrate_batch_norm(slim, x, batch_size=len(x))
+    assert_logits_close(slim(x, training=True).numpy(), slim(x, training=False).numpy(),
+                        "slim: recalibrated inference vs batch statistics", rel=1e-4)
+    gated = build_model("resnet20", 10)
+    randomize(gated, 0)
+    momenta = [bn.momentum for bn, _ in gated.batch_norms()]
+    recalibrate_batch_norm(gated, x, batch_size=len(x))
+    assert [bn.momentum for bn, _ in gated.batch_norms()] == momenta  # restored
+    assert_logits_close(gated(x, training=True, freeze_bn_stats=True).numpy(),
+                        gated(x, training=False).numpy(),
+                        "gated: recalibrated inference vs batch statistics", rel=1e-4)
+
+
+def test_recalibration_pools_exact_population_statistics(resnet20):
+    """Several unequal batches: the stem BN holds the exact mean/variance over all images."""
+    model, spec, _ = resnet20
+    slim = slim_model(model, spec)
+    x = np.random.default_rng(7).normal(size=(50, 32, 32, 3)).astype(np.float32)
+    info = recalibrate_batch_norm(slim, x, batch_size=16)  # 16+16+16+2
+    assert info == {"images": 50, "batch_norms": 21}  # stem + 9 blocks x 2 + 2 projections
+    conv = slim.get_layer("conv")(x).numpy().astype(np.float64)
+    bn = slim.get_layer("bn")
+    np.testing.assert_allclose(bn.moving_mean.numpy(), conv.mean(axis=(0, 1, 2)),
+                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn.moving_variance.numpy(), conv.var(axis=(0, 1, 2)),
+                               rtol=1e-4, atol=1e-5)
+    # The gated model re-estimated on the same images slims to the same network.
+    gated = build_model("resnet20", 10)
+    gated.set_weights(model.get_weights())
+    spec.apply_to(gated)
+    recalibrate_batch_norm(gated, x, batch_size=16)
+    y = x[:8]
+    assert_logits_close(slim_model(gated)(y).numpy(), slim(y).numpy(),
+                        "slim(recalibrated gated) vs recalibrated slim", rel=1e-4)
+
+
+def test_recalibration_rejects_empty():
+    with pytest.raises(ValueError, match="non-empty NHWC"):
+        recalibrate_batch_norm(keras.Sequential([keras.layers.BatchNormalization()]),
+                               np.zeros((0, 4, 4, 3), np.float32))
+
+
+@pytest.fixture(scope="module")
+def resnet56_data():
+    if not all(os.path.exists(p) for p in (RES56, TRAIN, TEST1000)):
+        pytest.skip(f"shared reference weights/data not found under {SHARED}")
+    from ekg_tf.weights import load_weights
+    model = build_model("resnet56", 10)
+    load_weights(model, RES56)
+    with np.load(TEST1000) as f:
+        x_test, y_test = normalize(f["x"], "cifar10").numpy(), f["y"].astype(np.int64)
+    with np.load(TRAIN) as f:
+        # Training images only for BN re-estimation (never the test split).
+        idx = np.random.default_rng(0).choice(len(f["y"]), 2048, replace=False)
+        x_train = normalize(f["x"][np.sort(idx)], "cifar10").numpy()
+    return model, x_test, y_test, x_train
+
+
+def accuracy(model, x, y):
+    logits = model.predict(x, batch_size=250, verbose=0)
+    return float(np.mean(np.argmax(logits, 1) == y))
+
+
+@needs_shared
+def test_resnet56_dense_and_pruned(resnet56_data):
+    model, x_test, y_test, x_train = resnet56_data
+    dense = slim_model(model)
+    # The published network, slimmed at rate 1, keeps the reference's accuracy
+    # (../shared/data/README.md: 93.40% with BN in inference mode).
+    acc_dense = accuracy(dense, x_test, y_test)
+    assert abs(acc_dense - 0.934) <= 0.002, acc_dense
+
+    spec = l1_uniform_subnet(model, 0.45)
+    assert ComplexityCounter(complexity_graph(model)).macs_ratio(spec.rates) <= 0.45
+    slim = slim_model(model, spec)
+    x = x_test[:200]
+    assert_logits_close(model(x).numpy(), slim(x).numpy(), "resnet56 0.45 gated vs slim")
+    acc_stale = accuracy(slim, x_test, y_test)
+    recalibrate_batch_norm(slim, x_train, batch_size=256)
+    acc_recal = accuracy(slim, x_test, y_test)
+    # Spec section 9: stored statistics do not fit the slim network; re-estimating
+    # them on training images restores a working network.
+    assert acc_recal > acc_stale + 0.1, (acc_stale, acc_recal)
+    folded = fold_batch_norm(slim)
+    assert_logits_close(slim(x).numpy(), folded(x).numpy(), "resnet56 0.45 slim vs folded")
