@@ -38,35 +38,35 @@ def normalize(images, name: str):
     return (tf.cast(images, tf.float32) - mean) / std
 
 
-def cifar_augment(image, seed=None):
-    """Random flip + random crop of the 4-pixel reflect-padded image (uint8 or float HWC)."""
-    image = tf.image.random_flip_left_right(image, seed=seed)
+def cifar_augment(image, seed):
+    """Random flip + random crop of the 4-pixel reflect-padded image (stateless, `seed` [2])."""
+    seeds = tf.random.experimental.stateless_split(seed, 2)
+    image = tf.image.stateless_random_flip_left_right(image, seeds[0])
     padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]], mode="REFLECT")
-    shape = tf.shape(image)
-    return tf.image.random_crop(padded, shape, seed=seed)
+    return tf.image.stateless_random_crop(padded, tf.shape(image), seeds[1])
 
 
-def color_jitter(image):
-    """Brightness +-0.2 (of the 0..1 range), contrast and saturation x0.8-1.2, on 0..255 floats."""
+def color_jitter(image, seed):
+    """Brightness +-0.2 (of the 0..1 range), contrast and saturation x0.8-1.2; 0..255 floats."""
+    seeds = tf.random.experimental.stateless_split(seed, 3)
     image = tf.cast(image, tf.float32) / 255.0
-    image = tf.image.random_brightness(image, 0.2)
-    image = tf.image.random_contrast(image, 0.8, 1.2)
-    image = tf.image.random_saturation(image, 0.8, 1.2)
+    image = tf.image.stateless_random_brightness(image, 0.2, seeds[0])
+    image = tf.image.stateless_random_contrast(image, 0.8, 1.2, seeds[1])
+    image = tf.image.stateless_random_saturation(image, 0.8, 1.2, seeds[2])
     return tf.clip_by_value(image, 0.0, 1.0) * 255.0
 
 
-def imagenet_train_preprocess(image, size=224):
+def imagenet_train_preprocess(image, seed, size=224):
     """Random-resized crop (area 8-100%, aspect 3/4-4/3) + flip; returns float 0..255."""
+    seeds = tf.random.experimental.stateless_split(seed, 2)
     bbox = tf.constant([0.0, 0.0, 1.0, 1.0], tf.float32, [1, 1, 4])
-    begin, crop_size, _ = tf.image.sample_distorted_bounding_box(
-        tf.shape(image), bounding_boxes=bbox, min_object_covered=0.1,
+    begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(image), bounding_boxes=bbox, seed=seeds[0], min_object_covered=0.1,
         aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0), max_attempts=10,
         use_image_if_no_bounding_boxes=True)
     image = tf.slice(image, begin, crop_size)
     image = tf.image.resize(image, [size, size], method="bilinear")
-    return tf.image.random_flip_left_right(image)
-
-
+    return tf.image.stateless_random_flip_left_right(image, seeds[1])
 def imagenet_eval_preprocess(image, size=224):
     """Resize the short side to size/0.875 and centre-crop `size`; returns float 0..255."""
     shape = tf.cast(tf.shape(image)[:2], tf.float32)

@@ -129,6 +129,22 @@ def load_folder(path: str, image_size: int | None = None) -> ArraySplit:
     return ArraySplit(np.stack(images), np.asarray(labels, np.int64))
 
 
+_DOWNLOAD_HOSTS = {"cifar10": "www.cs.toronto.edu", "cifar100": "www.cs.toronto.edu"}
+
+
+def _host_resolves(host: str, timeout: float = 5.0) -> bool:
+    import concurrent.futures
+    import socket
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    try:
+        pool.submit(socket.getaddrinfo, host, 443).result(timeout=timeout)
+        return True
+    except Exception:
+        return False
+    finally:
+        pool.shutdown(wait=False)
+
+
 def tfds_builder(data_cfg):
     """The real TFDS builder, prepared (downloads unless data is already in tfds_data_dir)."""
     import tensorflow_datasets as tfds
@@ -143,6 +159,12 @@ def tfds_builder(data_cfg):
     if data_cfg.get("tfds_manual_dir"):
         download_config = tfds.download.DownloadConfig(manual_dir=data_cfg.tfds_manual_dir)
     try:
+        if not builder.is_prepared():
+            host = _DOWNLOAD_HOSTS.get(data_cfg.name)
+            # Without network, TFDS retries name resolution for minutes; fail fast instead.
+            if host and not _host_resolves(host):
+                raise ConnectionError(f"cannot resolve {host}, where TFDS downloads "
+                                      f"{data_cfg.name!r} from")
         builder.download_and_prepare(download_config=download_config)
     except Exception as e:
         raise DataError(

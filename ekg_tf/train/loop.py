@@ -1,0 +1,205 @@
+"""The distributed custom training loop.
+
+`Trainer` builds one `tf.function` train step that runs under any
+`tf.distribute` strategy: per replica, the loss is summed over the replica's
+examples and divided by the *global* batch size, weight decay is added to the
+gradients as the reference does (`g + wd * v / replicas`), and the optimizer sums
+the replicas' gradients. With `jit_compile` only the per-replica
+forward/backward is XLA-compiled (compiling the whole distributed step fails).
+
+`fit` adds checkpoints (exact resume: the data pipeline is keyed by epoch and
+batch), TensorBoard summaries, a progress bar, evaluation each epoch and
+NaN/Inf detection that stops with the last good checkpoint kept.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from ekg_tf.utils.io import atomic_write_json
+from ekg_tf.utils.progress import ProgressBar
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or Inf."""
+
+
+def cross_entropy_loss(model, batch, global_batch_size):
+    """Plain CE on one view; returns (loss over the global batch, logits, labels)."""
+    images, labels = batch[0], tf.cast(batch[1], tf.int32)
+    logits = model(images, training=True)
+    per_example = tf.keras.losses.sparse_categorical_crossentropy(labels, logits,
+                                                                  from_logits=True)
+    return tf.reduce_sum(per_example) / global_batch_size, logits, labels
+
+
+class Trainer:
+    """One distributed SGD step of `loss_fn(model, batch, global_batch_size)`."""
+
+    def __init__(self, model, optimizer, strategy, global_batch_size: int,
+                 weight_decay: float = 0.0, loss_fn: Callable = cross_entropy_loss,
+                 grad_scale: float = 1.0, jit_compile: bool = False):
+        self.model, self.optimizer, self.strategy = model, optimizer, strategy
+        self.global_batch_size = int(global_batch_size)
+        self.weight_decay = float(weight_decay)
+        self.loss_fn = loss_fn
+        self.grad_scale = float(grad_scale)
+        self.variables = model.trainable_variables
+        with strategy.scope():
+            optimizer.build(self.variables)
+
+        def forward_backward(batch):
+            with tf.GradientTape() as tape:
+                loss, logits, labels = self.loss_fn(self.model, batch, self.global_batch_size)
+            grads = tape.gradient(loss, self.variables)
+            return loss, grads, logits, labels
+
+        self._forward_backward = (tf.function(forward_backward, jit_compile=True)
+                                  if jit_compile else forward_backward)
+        self.train_step = tf.function(self._distributed_step)
+
+    def _replica_step(self, batch):
+        loss, grads, logits, labels = self._forward_backward(batch)
+        replicas = tf.distribute.get_replica_context().num_replicas_in_sync
+        decay = self.weight_decay / replicas
+        grads = [g * self.grad_scale + decay * v for g, v in zip(grads, self.variables)]
+        self.optimizer.apply_gradients(zip(grads, self.variables))
+        if len(logits.shape) == 3:  # [batch, views, classes]
+            labels = tf.repeat(labels, logits.shape[1])
+            logits = tf.reshape(logits, [-1, logits.shape[-1]])
+        correct = tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32))
+        count = tf.cast(tf.shape(labels)[0], tf.float32)
+        return tf.stack([loss, correct, count])
+
+    def _distributed_step(self, dist_batch):
+        per_replica = self.strategy.run(self._replica_step, args=(dist_batch,))
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+
+@dataclasses.dataclass
+class FitResult:
+    steps: int
+    epochs_done: float
+    seconds: float
+    images_per_second: float
+    last_eval: dict
+    best_eval: dict
+    history: list
+
+
+def is_chief(strategy) -> bool:
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    return resolver.task_type == "chief" or (resolver.task_type == "worker" and
+                                             resolver.task_id == 0)
+
+
+def fit(trainer: Trainer, *, workdir: str, make_train_input: Callable, steps_per_epoch: int,
+        total_steps: int, evaluate_fn: Callable | None = None, checkpoint_every: int = 500,
+        keep_checkpoints: int = 3, log_every: int = 50, eval_every_epochs: int = 1,
+        extra_checkpoint_objects: dict | None = None, name: str = "train",
+        on_epoch_end: Callable | None = None, stop_at_step: int | None = None) -> FitResult:
+    """Trains to `total_steps`, resuming from `workdir/checkpoints` if a checkpoint is there.
+
+    `make_train_input(start_epoch, skip_batches)` returns a distributed dataset
+    that starts at that epoch and batch. `evaluate_fn()` returns a dict with at
+    least `top1`; the best (by top1) weights are kept in `workdir/checkpoints/best`.
+    `stop_at_step` ends this run early (checkpointed) as if the job were
+    preempted there; the schedule still spans `total_steps`.
+    """
+    strategy, model, optimizer = trainer.strategy, trainer.model, trainer.optimizer
+    chief = is_chief(strategy)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not chief:  # non-chief workers write to a scratch dir (MultiWorkerMirroredStrategy)
+        ckpt_dir = os.path.join(workdir, "tmp_worker", str(strategy.cluster_resolver.task_id))
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **(extra_checkpoint_objects or {}))
+    manager = tf.train.CheckpointManager(ckpt, ckpt_dir, max_to_keep=keep_checkpoints)
+    best_ckpt = tf.train.Checkpoint(model=model)
+    best_manager = tf.train.CheckpointManager(best_ckpt, os.path.join(ckpt_dir, "best"),
+                                              max_to_keep=1)
+    state_path = os.path.join(workdir, f"{name}_state.json")
+    state = {"history": [], "best": {}}
+    if manager.latest_checkpoint:
+        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        if os.path.exists(state_path):
+            with open(state_path) as f:
+                state = json.load(f)
+    start_step = int(optimizer.iterations.numpy())
+    if start_step >= total_steps:
+        return FitResult(start_step, start_step / steps_per_epoch, 0.0, 0.0,
+                         state["history"][-1] if state["history"] else {}, state["best"],
+                         state["history"])
+    writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", name)) \
+        if chief else tf.summary.create_noop_writer()
+    epoch, skip = divmod(start_step, steps_per_epoch)
+    dataset = make_train_input(epoch, skip)
+    bar = ProgressBar(total_steps, desc=name, initial=start_step)
+    step = start_step
+    t0 = time.time()
+    images = 0
+    running = np.zeros(3)
+    last_eval = state["history"][-1] if state["history"] else {}
+
+    def save(step_now):
+        manager.save(checkpoint_number=step_now)
+        if chief:
+            atomic_write_json(state_path, state)
+
+    iterator = iter(dataset)
+    end_step = min(total_steps, stop_at_step or total_steps)
+    with writer.as_default():
+        while step < end_step:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                raise ValueError(f"the training data ran out at step {step} of {total_steps}; "
+                                 "is the training split smaller than one batch?") from None
+            loss, correct, count = trainer.train_step(batch).numpy()
+            if not np.isfinite(loss):
+                kept = manager.latest_checkpoint or "none (no checkpoint was written yet)"
+                raise TrainingDiverged(
+                    f"loss became {loss} at step {step + 1}; stopped without saving. Last good "
+                    f"checkpoint: {kept}. Lower train.learning_rate or check the data.")
+            step += 1
+            images += int(count)
+            running += (loss, correct, count)
+            bar.update(1, items=int(count), loss=float(loss))
+            if step % log_every == 0 or step == total_steps:
+                lr = optimizer.learning_rate
+                tf.summary.scalar("loss", running[0] / max(log_every, 1), step=step)
+                tf.summary.scalar("accuracy", running[1] / max(running[2], 1), step=step)
+                tf.summary.scalar("learning_rate", float(lr.numpy() if hasattr(lr, "numpy")
+                                                         else lr), step=step)
+                tf.summary.scalar("images_per_second", images / (time.time() - t0), step=step)
+                running[:] = 0
+            epoch_end = step % steps_per_epoch == 0
+            if evaluate_fn and (step == total_steps or
+                                (epoch_end and (step // steps_per_epoch) % eval_every_epochs == 0)):
+                result = dict(evaluate_fn())
+                result.update(step=step, epoch=step / steps_per_epoch)
+                state["history"].append(result)
+                last_eval = result
+                for key in ("top1", "top5", "loss"):
+                    if key in result:
+                        tf.summary.scalar(f"eval/{key}", result[key], step=step)
+                if result.get("top1", -1) > state["best"].get("top1", -1):
+                    state["best"] = result
+                    best_manager.save(checkpoint_number=step)
+                if on_epoch_end:
+                    on_epoch_end(state["history"])
+                save(step)
+            elif step % checkpoint_every == 0:
+                save(step)
+    if manager.latest_checkpoint is None or int(manager.latest_checkpoint.rsplit("-", 1)[1]) != step:
+        save(step)
+    bar.close()
+    seconds = time.time() - t0
+    return FitResult(step, step / steps_per_epoch, seconds, images / max(seconds, 1e-9),
+                     last_eval, state["best"], state["history"])
