@@ -90,14 +90,18 @@ def finetune_config():
 
 def export_config():
     return ml_collections.ConfigDict(dict(
-        model_name="ekg_model",
-        version=0,              # 0: next free version number
+        model_name="ekg_model",  # TF Serving model name: <export_dir>/saved_model/<name>/<version>
+        version=0,              # 0: next free version number; an existing one is never overwritten
         input_contract="images",  # images (float, normalised) | images_uint8 | image_bytes
-        fold_batch_norm=True,
-        opset=17,
-        representative_images=256,
-        verify_images=1000,
-        latency_runs=20,
+        fold_batch_norm=True,   # fold BN into the convs of the deployed graphs (parity-checked)
+        opset=17,               # ONNX opset
+        representative_images=256,  # training images calibrating full-int8 TFLite
+        representative_path="",  # "": the training split; else an .npz with uint8 'x'
+        int8_io=False,          # full-int8 TFLite with int8 input/output tensors
+        verify_images=1000,     # test-split images for diffs/accuracy (first N)
+        latency_runs=20,        # timed runs per measurement (median reported)
+        threads=2,              # TFLite / onnxruntime threads
+        dense_latency=True,     # also time the unpruned network (pruned/dense ratio)
     ))
 
 

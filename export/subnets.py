@@ -24,19 +24,26 @@ def l1_filter_scores(model) -> dict:
     return scores
 
 
-def l1_uniform_subnet(model, target_ratio: float, step: float = 0.01) -> SubnetSpec:
-    """Sets `model`'s gates to L1 ranks and the largest uniform rate with MACs ratio <= target."""
+def l1_uniform_subnet(model, target_ratio: float, step: float = 0.01,
+                      keep_streams: bool = True) -> SubnetSpec:
+    """Sets `model`'s gates to L1 ranks and the largest uniform rate with MACs ratio <= target.
+
+    `keep_streams`: residual stream groups stay at rate 1 and only block-internal
+    groups are narrowed (the reference's ResNet-56 search never narrowed the
+    streams, spec section 9); otherwise every group shares the rate.
+    """
     if not 0.0 < target_ratio <= 1.0:
         raise ValueError(f"target MACs ratio must be in (0, 1], got {target_ratio}")
     for name, score in l1_filter_scores(model).items():
         model.gate_group(name).set_rank_from_score(score)
     counter = ComplexityCounter(complexity_graph(model))
-    names = [g.name for g in model.gate_groups]
+    streams = {g.name for g in model.stream_groups} | {model.stem_group.name}
+    names = [g.name for g in model.gate_groups if not (keep_streams and g.name in streams)]
     rate = 1.0
     while counter.macs_ratio({n: rate for n in names}) > target_ratio:
         rate = round(rate - step, 10)
         if rate <= 0:
             raise ValueError(f"no uniform rate reaches MACs ratio {target_ratio}")
     for g in model.gate_groups:
-        g.rate = rate
+        g.rate = rate if g.name in names else 1.0
     return SubnetSpec.from_model(model)

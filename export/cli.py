@@ -1,0 +1,217 @@
+"""ekg-export: the pruned model as SavedModel (TF Serving), TFLite and ONNX, every artifact verified.
+
+    ekg-export --config=configs/cifar10_resnet56.py --workdir=runs/r56 \
+        --formats=saved_model,tflite,onnx --quantize=none,float16,dynamic,int8
+
+Reads the sub-network `workdir/search/subnet.json` (or --subnet) and the weights
+(--weights; default: the fine-tuned weights in `workdir/finetune/` if present,
+else `config.model.init`). Weights that are not fine-tuned get their BN
+statistics re-estimated on training images first (spec section 9). Writes under
+`workdir/export/` (or --export_dir), prints one JSON line with per-artifact
+status, size, diff and latency, and exits 1 when an artifact fails its tolerance.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import flags  # noqa: E402
+
+from ekg_tf.cli import common  # noqa: E402
+
+FLAGS = common.define_flags()
+flags.DEFINE_string("formats", "saved_model,tflite,onnx",
+                    "Comma-separated formats: saved_model, tflite, onnx.")
+flags.DEFINE_string("quantize", "none,float16,dynamic,int8",
+                    "Comma-separated TFLite modes: none (float32), float16, dynamic, int8.")
+flags.DEFINE_string("weights", None, "Weights to export (.npz/.pkl/.weights.h5/checkpoint of the "
+                    "gated model, or a fine-tuned slim .keras / .weights.h5). Default: "
+                    "workdir/finetune/ fine-tuned weights if present, else config.model.init.")
+flags.DEFINE_string("subnet", None, "Sub-network spec (default workdir/search/subnet.json).")
+flags.DEFINE_string("export_dir", None, "Output directory (default workdir/export).")
+flags.DEFINE_string("representative_data", None, "An .npz with uint8 'x' training images for "
+                    "int8 calibration (default: export.representative_path or the training split).")
+
+# Where the fine-tuning stage leaves its best weights, in order of preference.
+FINETUNED_CANDIDATES = ("best.keras", "best.weights.h5", "final.keras", "final.weights.h5")
+
+
+def _log(msg):
+    print(msg, file=sys.stderr, flush=True)
+
+
+def find_weights(workdir: str, flag_value: str | None, init: str) -> tuple[str, bool]:
+    """(path, fine_tuned) of the weights to export."""
+    if flag_value:
+        if not os.path.exists(flag_value) and not os.path.exists(flag_value + ".index"):
+            raise FileNotFoundError(f"--weights {flag_value!r} does not exist")
+        return flag_value, os.path.abspath(flag_value).startswith(
+            os.path.abspath(os.path.join(workdir, "finetune")))
+    for name in FINETUNED_CANDIDATES:
+        path = os.path.join(workdir, "finetune", name)
+        if os.path.exists(path):
+            return path, True
+    if not init:
+        raise common.UserError(f"no weights: nothing fine-tuned in {workdir}/finetune/ "
+                               f"({', '.join(FINETUNED_CANDIDATES)}), no --weights and no "
+                               "config.model.init")
+    return init, False
+
+
+def load_slim(config, spec, weights: str, fine_tuned: bool):
+    """(slim Keras model, gated model or None) for the spec and weights."""
+    import keras
+    from ekg_tf.slim import slim_model
+    model = common.build_model_from_config(config, load_init=False)
+    spec.check_fits(model)
+    if weights.endswith(".keras"):
+        slim = keras.models.load_model(weights, compile=False)
+        expected = slim_model(model, spec)
+        shapes = [tuple(w.shape) for w in slim.weights]
+        if shapes != [tuple(w.shape) for w in expected.weights]:
+            raise ValueError(f"{weights}: the model's shapes do not fit the sub-network spec")
+        return slim, None
+    from ekg_tf.weights import WeightsError, load_weights
+    if weights.endswith(".weights.h5") and _h5_shapes(weights) == sorted(
+            tuple(w.shape) for w in slim_model(model, spec).weights):
+        # The fine-tuned slim model's weights (Keras does not refuse a mismatched
+        # .weights.h5, so the file's shapes decide which model it belongs to).
+        slim = slim_model(model, spec)
+        slim.load_weights(weights)
+        return slim, None
+    try:
+        load_weights(model, weights)
+    except WeightsError as e:
+        raise ValueError(str(e)) from None
+    spec.apply_to(model)
+    return slim_model(model, spec), model
+
+
+def _h5_shapes(path: str) -> list:
+    import h5py
+    shapes = []
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: shapes.append(tuple(obj.shape))
+                     if isinstance(obj, h5py.Dataset) else None)
+    return sorted(shapes)
+
+
+def sample_indices(n_total: int, n: int, seed: int = 0):
+    import numpy as np
+    n = min(int(n), n_total)
+    return np.sort(np.random.default_rng(seed).choice(n_total, n, replace=False))
+
+
+def main(argv):
+    config, workdir = common.setup(argv)
+    import numpy as np
+    from ekg_tf.data import load_arrays, normalization_for, normalize
+    from ekg_tf.flops import ComplexityCounter, complexity_graph
+    from ekg_tf.slim import recalibrate_batch_norm, slim_model
+    from ekg_tf.subnet import SubnetSpec
+    from export import exporter, saved_model as sm, tflite
+
+    ecfg = config.export
+    # Validate every cheap input before any heavy work.
+    formats = exporter.check_formats(FLAGS.formats.split(","))
+    modes = tflite.check_modes(FLAGS.quantize.split(",")) if "tflite" in formats else []
+    sm.check_contract(ecfg.input_contract)
+    subnet_path = FLAGS.subnet or os.path.join(workdir, "search", "subnet.json")
+    if not os.path.exists(subnet_path):
+        raise FileNotFoundError(f"no search result at {subnet_path}: run ekg-search first "
+                                "(or pass --subnet=path/to/subnet.json)")
+    spec = SubnetSpec.from_json(subnet_path)
+    rep_path = FLAGS.representative_data or ecfg.representative_path
+    if rep_path and not os.path.exists(rep_path):
+        raise FileNotFoundError(f"representative dataset {rep_path!r} does not exist "
+                                "(an .npz with uint8 training images 'x')")
+    weights, fine_tuned = find_weights(workdir, FLAGS.weights, config.model.init)
+    export_dir = FLAGS.export_dir or os.path.join(workdir, "export")
+
+    _log(f"[export] sub-network {subnet_path}, weights {weights} (fine-tuned: {fine_tuned})")
+    slim, gated = load_slim(config, spec, weights, fine_tuned)
+    mean, std = normalization_for(config.data.get("normalization") or config.data.name)
+    norm_name = config.data.get("normalization") or config.data.name
+    need_train = not fine_tuned or ("int8" in modes and not rep_path)
+    train = load_arrays(config.data, "train") if need_train else None
+    if not fine_tuned:
+        # Spec section 9: stored statistics do not fit the slim network; re-estimate
+        # them on *training* images (never evaluation data).
+        idx = sample_indices(len(train), config.search.bn_recalibration_images, config.seed)
+        info = recalibrate_batch_norm(slim, normalize(train.x[idx], norm_name).numpy())
+        _log(f"[export] BN statistics re-estimated on {info['images']} training images")
+    representative = None
+    if "int8" in modes:
+        if rep_path:
+            from ekg_tf.data.sources import load_npz
+            rep = load_npz(rep_path).x
+        else:
+            rep = train.x
+        rep = rep[sample_indices(len(rep), ecfg.representative_images, config.seed + 1)]
+        representative = normalize(rep, norm_name).numpy()
+    test = load_arrays(config.data, "test")
+    n_verify = min(int(ecfg.verify_images), len(test))
+    dense = None
+    if ecfg.dense_latency and gated is not None:
+        spec_dense = SubnetSpec.from_dict({**spec.to_dict(), "groups": {
+            n: {**g, "rate": 1.0} for n, g in spec.to_dict()["groups"].items()}})
+        dense = slim_model(gated, spec_dense, name=f"{gated.arch.name}_dense")
+    graph = ComplexityCounter(complexity_graph(common.build_model_from_config(
+        config, load_init=False)))
+    full, pruned = graph.full, graph.count(spec.rates)
+    req = exporter.ExportRequest(
+        slim=slim, export_dir=export_dir, mean=tuple(mean.tolist()), std=tuple(std.tolist()),
+        verify_uint8=test.x[:n_verify], verify_labels=test.y[:n_verify], formats=tuple(formats),
+        quant_modes=tuple(modes), representative=representative, model_name=ecfg.model_name,
+        version=int(ecfg.version), contract=ecfg.input_contract,
+        fold_batch_norm=bool(ecfg.fold_batch_norm), opset=int(ecfg.opset),
+        int8_io=bool(ecfg.int8_io), latency_runs=int(ecfg.latency_runs),
+        threads=int(ecfg.threads), dense=dense,
+        info={"arch": spec.arch, "subnet": os.path.abspath(subnet_path),
+              "weights": os.path.abspath(weights), "fine_tuned": fine_tuned,
+              "bn_recalibrated": not fine_tuned, "macs": pruned.macs, "dense_macs": full.macs,
+              "macs_ratio": pruned.macs / full.macs, "params_ratio": pruned.params / full.params})
+    report = exporter.export_all(req, progress=_log)
+    _write_summaries(report, os.path.join(report["export_dir"], "artifacts",
+                                          str(report["version"])))
+    common.print_result({
+        "status": report["status"], "version": report["version"],
+        "export_dir": report["export_dir"], "macs_ratio": report["macs_ratio"],
+        "artifacts": {a["name"]: {"status": a["status"], "size_bytes": a["size_bytes"],
+                                  "max_abs_diff": a["max_abs_diff"],
+                                  "top1_agreement": a["top1_agreement"],
+                                  "top1_accuracy": a.get("top1_accuracy"),
+                                  "latency_ms": a["latency_ms"]}
+                      for a in report["artifacts"]}})
+    if report["status"] != "ok":
+        sys.exit(1)
+
+
+def _write_summaries(report: dict, directory: str):
+    """TensorBoard text/scalars and a PNG latency bar plot of the report."""
+    import tensorflow as tf
+    from ekg_tf.utils.plots import save_bar_plot
+    from export.report import markdown
+    arts = [a for a in report["artifacts"] if a.get("latency_ms")]
+    save_bar_plot(os.path.join(directory, "latency.png"), [a["name"] for a in arts],
+                  {f"batch {b}": [a["latency_ms"][f"batch{b}"] for a in arts] for b in (1, 32)},
+                  ylabel="median latency (ms)", title=f"{report['model_name']} "
+                  f"v{report['version']} (MACs ratio {report['macs_ratio']:.3f})")
+    writer = tf.summary.create_file_writer(os.path.join(directory, "tb"))
+    with writer.as_default():
+        tf.summary.text("export_report", markdown(report), step=report["version"])
+        for a in report["artifacts"]:
+            tf.summary.scalar(f"{a['name']}/max_abs_diff", a["max_abs_diff"], step=report["version"])
+            tf.summary.scalar(f"{a['name']}/top1_agreement", a["top1_agreement"],
+                              step=report["version"])
+    writer.flush()
+
+
+def run():
+    common.run_app(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,268 @@
+"""Writes every requested artifact of a slim model and verifies each one.
+
+Layout under `export_dir`:
+  saved_model/<model_name>/<version>/     TF Serving model (signature serving_default)
+  artifacts/<version>/model.keras          slim Keras model (the verification reference)
+  artifacts/<version>/model_folded.keras   BN folded into the convs (deployment graph)
+  artifacts/<version>/model_<mode>.tflite  float32 / float16 / dynamic / int8
+  artifacts/<version>/model.onnx
+  artifacts/<version>/export_report.json + export_report.md (also copied to export_dir/)
+Versions: `version=0` takes the next free number; an explicit version that already
+holds a *different* model is refused (never overwritten); the same model (same
+weights fingerprint) may be re-exported into it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import keras
+
+from ekg_tf.slim import fold_batch_norm
+from ekg_tf.utils.io import atomic_path, atomic_write_text
+from export import onnx_export, report as report_lib, saved_model as sm, tflite, verify
+
+FORMATS = ("saved_model", "tflite", "onnx")
+
+
+def check_formats(formats) -> list[str]:
+    formats = [f.strip() for f in formats if f.strip()]
+    bad = [f for f in formats if f not in FORMATS]
+    if bad:
+        raise ValueError(f"unknown export format(s) {bad}; choose from {FORMATS}")
+    if not formats:
+        raise ValueError(f"no export format given; choose from {FORMATS}")
+    return formats
+
+
+@dataclasses.dataclass
+class ExportRequest:
+    """Everything the exporter needs; images are real data (uint8) and labels."""
+    slim: keras.Model                 # reference: slim Keras model with valid BN statistics
+    export_dir: str
+    mean: tuple                       # normalisation baked into uint8/bytes contracts
+    std: tuple
+    verify_uint8: np.ndarray          # N real images (test split) for diffs and accuracy
+    verify_labels: np.ndarray | None
+    formats: tuple = FORMATS
+    quant_modes: tuple = ("none",)
+    representative: np.ndarray | None = None  # normalised float32 *training* images (int8)
+    model_name: str = "ekg_model"
+    version: int = 0
+    contract: str = "images"
+    fold_batch_norm: bool = True
+    opset: int = 17
+    int8_io: bool = False
+    latency_runs: int = 20
+    threads: int = 2
+    dense: keras.Model | None = None  # the unpruned slim model, for latency comparison
+    info: dict = dataclasses.field(default_factory=dict)  # extra report fields (spec, MACs...)
+
+
+def _dir_size(path: str) -> int:
+    if os.path.isfile(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _existing(export_dir: str, model_name: str) -> set[int]:
+    versions = set(sm.existing_versions(os.path.join(export_dir, "saved_model", model_name)))
+    versions |= set(sm.existing_versions(os.path.join(export_dir, "artifacts")))
+    return versions
+
+
+def _stored_fingerprint(export_dir: str, model_name: str, version: int) -> str | None:
+    for path in (os.path.join(export_dir, "artifacts", str(version), "fingerprint.txt"),):
+        if os.path.exists(path):
+            return open(path).read().strip()
+    meta = os.path.join(export_dir, "saved_model", model_name, str(version), sm.METADATA_FILE)
+    if os.path.exists(meta):
+        return json.load(open(meta)).get("fingerprint")
+    return None
+
+
+def resolve_version(export_dir: str, model_name: str, version: int, fingerprint: str) -> int:
+    """The version to write: next free for 0; an existing explicit one only for the same model."""
+    existing = _existing(export_dir, model_name)
+    if version < 0:
+        raise ValueError(f"export.version must be >= 0 (0 = next free), got {version}")
+    if version == 0:
+        return max(existing, default=0) + 1
+    if version in existing:
+        stored = _stored_fingerprint(export_dir, model_name, version)
+        if stored != fingerprint:
+            raise FileExistsError(
+                f"{export_dir} already holds a different model as version {version} "
+                f"(versions present: {sorted(existing)}); refusing to overwrite it. "
+                "Use export.version=0 for the next free version, or another export dir.")
+    return version
+
+
+def _normalise(req: ExportRequest, raw: np.ndarray) -> np.ndarray:
+    return ((raw.astype(np.float32) - np.float32(req.mean)) / np.float32(req.std)).astype(
+        np.float32)
+
+
+def _edge_saved_model(model: keras.Model, path: str) -> str:
+    """A float SavedModel of `model` (input `images`, output `logits`) for TFLite conversion."""
+    import tensorflow as tf
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    shape = [None, *(int(d) for d in model.inputs[0].shape[1:])]
+    archive.add_endpoint(sm.SIGNATURE, tf.function(
+        lambda images: {"logits": model(images, training=False)},
+        input_signature=[tf.TensorSpec(shape, tf.float32, name="images")]))
+    archive.write_out(path, verbose=False)
+    return path
+
+
+def export_all(req: ExportRequest, progress=print) -> dict:
+    """Writes and verifies every artifact; returns the report (status 'ok' or 'failed')."""
+    formats = check_formats(req.formats)
+    modes = tflite.check_modes(req.quant_modes) if "tflite" in formats else []
+    sm.check_contract(req.contract)
+    if "tflite" in formats and "int8" in modes and (
+            req.representative is None or len(req.representative) == 0):
+        raise ValueError("--quantize=int8 needs a representative dataset of training images")
+    if not len(req.verify_uint8):
+        raise ValueError("no verification images")
+    start = time.time()
+    deploy = fold_batch_norm(req.slim) if req.fold_batch_norm else req.slim
+    fingerprint = sm.model_fingerprint(req.slim, f"{req.contract}|fold={req.fold_batch_norm}")
+    version = resolve_version(req.export_dir, req.model_name, req.version, fingerprint)
+    art_dir = os.path.join(req.export_dir, "artifacts", str(version))
+    os.makedirs(art_dir, exist_ok=True)
+    atomic_write_text(os.path.join(art_dir, "fingerprint.txt"), fingerprint + "\n")
+
+    x_verify = _normalise(req, req.verify_uint8)
+    labels = req.verify_labels
+    lat_x = x_verify[:32]
+    keras_fn = verify.keras_predictor(req.slim)
+    reference = verify.predict_batched(keras_fn, x_verify)
+    artifacts = []
+
+    def add(name, fmt, path, logits, latency, extra=None):
+        metrics = verify.compare(reference, logits, labels)
+        passed, reasons = verify.check(name, metrics)
+        entry = {"name": name, "format": fmt, "path": os.path.abspath(path) if path else None,
+                 "size_bytes": _dir_size(path) if path else None,
+                 "status": "ok" if passed else "failed", "reasons": reasons,
+                 "tolerance": verify.TOLERANCES.get(name, verify.FLOAT_TOLERANCE).to_dict(),
+                 **metrics, "latency_ms": latency, **(extra or {})}
+        artifacts.append(entry)
+        progress(f"[export] {name}: {entry['status']} max_abs_diff={metrics['max_abs_diff']:.3g} "
+                 f"top1_agree={metrics['top1_agreement']:.4f}"
+                 + (f" {'; '.join(reasons)}" if reasons else ""))
+        return entry
+
+    def lat(fn):
+        return {f"batch{b}": verify.latency_ms(fn, lat_x, b, req.latency_runs) for b in (1, 32)}
+
+    # Keras reference (+ the folded graph, checked against it).
+    keras_path = os.path.join(art_dir, "model.keras")
+    with atomic_path(keras_path) as tmp:  # tmp ends with "-model.keras"
+        req.slim.save(tmp)
+    ref_entry = {"name": "keras", "format": "keras", "path": os.path.abspath(keras_path),
+                 "size_bytes": _dir_size(keras_path), "status": "ok", "reasons": [],
+                 "reference": True, **verify.compare(reference, reference, labels),
+                 "latency_ms": lat(keras_fn)}
+    artifacts.append(ref_entry)
+    if req.fold_batch_norm:
+        folded_path = os.path.join(art_dir, "model_folded.keras")
+        with atomic_path(folded_path) as tmp:
+            deploy.save(tmp)
+        folded_fn = verify.keras_predictor(deploy)
+        add("keras_folded", "keras", folded_path, verify.predict_batched(folded_fn, x_verify),
+            lat(folded_fn))
+
+    if "saved_model" in formats:
+        path = os.path.join(req.export_dir, "saved_model", req.model_name, str(version))
+        if os.path.exists(path):  # same fingerprint (resolve_version): keep the served copy
+            progress(f"[export] {path} already holds this model; kept as is")
+        else:
+            sm.write_saved_model(deploy, path, req.contract, req.mean, req.std, req.model_name,
+                                 warmup_raw_uint8=req.verify_uint8[:8],
+                                 metadata={"fingerprint": fingerprint, "contract": req.contract,
+                                           "model_name": req.model_name, "version": version,
+                                           "fold_batch_norm": req.fold_batch_norm, **req.info})
+        inputs = sm.contract_inputs(req.contract, req.verify_uint8, req.mean, req.std)
+        res = sm.run_in_fresh_process(path, inputs, runs=req.latency_runs, workdir=art_dir)
+        extra = {"input": res["input"], "outputs": res["outputs"],
+                 "fresh_process_without_ekg_tf": not res["ekg_tf_imported"],
+                 "warmup_records": len(sm.read_warmup(os.path.join(path, sm.WARMUP_FILE)))}
+        entry = add("saved_model", "saved_model", path, res["logits"],
+                    {"batch1": res["latency"]["batch1_ms"], "batch32": res["latency"]["batch32_ms"]},
+                    extra)
+        consistent = (np.array_equal(res["classes"], np.argmax(res["logits"], 1))
+                      and np.allclose(res["probabilities"].sum(1), 1.0, atol=1e-4))
+        if not consistent or res["ekg_tf_imported"] or res["outputs"] != sorted(sm.OUTPUTS):
+            entry["status"] = "failed"
+            entry["reasons"].append("classes/probabilities/outputs inconsistent or the fresh "
+                                    "process needed ekg_tf")
+
+    if "tflite" in formats:
+        build = tempfile.mkdtemp(dir=art_dir, prefix=".edge-")
+        try:
+            edge = _edge_saved_model(deploy, os.path.join(build, "edge"))
+            for mode in modes:
+                t0 = time.time()
+                blob = tflite.convert(edge, mode, req.representative, int8_io=req.int8_io)
+                path = os.path.join(art_dir, f"model_{'float32' if mode == 'none' else mode}.tflite")
+                with atomic_path(path) as tmp:
+                    with open(tmp, "wb") as f:
+                        f.write(blob)
+                runner = tflite.TFLiteRunner(path, num_threads=req.threads)
+                add(tflite.artifact_name(mode), "tflite", path, runner.predict(x_verify),
+                    lat(runner), {"convert_seconds": time.time() - t0,
+                                  "int8_io": bool(req.int8_io and mode == "int8")})
+        finally:
+            shutil.rmtree(build, ignore_errors=True)
+
+    if "onnx" in formats:
+        path = os.path.join(art_dir, "model.onnx")
+        t0 = time.time()
+        proto = onnx_export.convert(deploy, path, opset=req.opset)
+        runner = onnx_export.OnnxRunner(path, num_threads=req.threads)
+        add("onnx", "onnx", path, runner.predict(x_verify), lat(runner),
+            {"opset": int(proto.opset_import[0].version), "convert_seconds": time.time() - t0})
+
+    dense = _dense_latency(req, formats, lat) if req.dense is not None else None
+    result = {
+        "status": "ok" if all(a["status"] == "ok" for a in artifacts) else "failed",
+        "model_name": req.model_name, "version": version, "export_dir": os.path.abspath(
+            req.export_dir), "contract": req.contract, "fold_batch_norm": req.fold_batch_norm,
+        "fingerprint": fingerprint, "verify_images": int(len(x_verify)),
+        "threads": {"tflite": req.threads, "onnxruntime": req.threads,
+                    "tensorflow": f"default (cpu_count={os.cpu_count()})"},
+        "latency_runs": req.latency_runs, "latency_statistic": "median wall ms",
+        "artifacts": artifacts, "dense_latency_ms": dense, **req.info,
+        "seconds": time.time() - start,
+    }
+    report_lib.write(result, art_dir, also=req.export_dir)
+    return result
+
+
+def _dense_latency(req: ExportRequest, formats, lat) -> dict:
+    """Latency of the unpruned network in the float formats, for the pruned/dense ratio."""
+    dense = fold_batch_norm(req.dense) if req.fold_batch_norm else req.dense
+    out = {"keras": lat(verify.keras_predictor(req.dense))}
+    build = tempfile.mkdtemp(dir=req.export_dir, prefix=".dense-")
+    try:
+        if "tflite" in formats:
+            edge = _edge_saved_model(dense, os.path.join(build, "edge"))
+            path = os.path.join(build, "dense.tflite")
+            with open(path, "wb") as f:
+                f.write(tflite.convert(edge, "none"))
+            out["tflite_float32"] = lat(tflite.TFLiteRunner(path, num_threads=req.threads))
+        if "onnx" in formats:
+            path = os.path.join(build, "dense.onnx")
+            onnx_export.convert(dense, path, opset=req.opset)
+            out["onnx"] = lat(onnx_export.OnnxRunner(path, num_threads=req.threads))
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+    return out
