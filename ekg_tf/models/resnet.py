@@ -72,7 +72,9 @@ class ResidualBlock(keras.layers.Layer):
                           ("conv2", 1, 1, out_channels)]
         else:
             conv_specs = [("conv1", 3, strides, width), ("conv2", 3, 1, out_channels)]
-        self.convs, self.bns, self.gates = [], [], []
+        # Sub-layers are attributes, not lists: tf.train.Checkpoint does not see into
+        # Keras 3's tracked lists, and checkpoints must hold every variable.
+        self._conv_names, self._bn_names, self._gate_names = [], [], []
         group_in = in_group
         for i, (conv_name, k, s, filters) in enumerate(conv_specs):
             last = i == len(conv_specs) - 1
@@ -81,12 +83,16 @@ class ResidualBlock(keras.layers.Layer):
             else:
                 group_out = GateGroup(f"{self.name}/gate{conv_name[-1]}", filters)
                 self.inner_groups.append(group_out)
-            self.convs.append(GatedConv2D(filters, k, s, in_group=group_in, out_group=group_out,
-                                          name=conv_name))
-            self.bns.append(BatchNorm(gamma_zero=last, synchronized=sync_bn,
-                                      name=f"bn{conv_name[-1]}"))
+            index = conv_name[-1]
+            setattr(self, conv_name, GatedConv2D(filters, k, s, in_group=group_in,
+                                                 out_group=group_out, name=conv_name))
+            setattr(self, f"bn{index}", BatchNorm(gamma_zero=last, synchronized=sync_bn,
+                                                  name=f"bn{index}"))
+            self._conv_names.append(conv_name)
+            self._bn_names.append(f"bn{index}")
             if not last:
-                self.gates.append(Gate(group_out, name=f"gate{conv_name[-1]}"))
+                setattr(self, f"gate{index}", Gate(group_out, name=f"gate{index}"))
+                self._gate_names.append(f"gate{index}")
             group_in = group_out
         self.projection = None
         if strides > 1 or in_channels != out_channels:
@@ -94,6 +100,18 @@ class ResidualBlock(keras.layers.Layer):
                                           out_group=stream_group, name="conv3")
             self.projection_bn = BatchNorm(synchronized=sync_bn, name="bn3")
         self.stream_gate = Gate(stream_group, name="stream_gate")
+
+    @property
+    def convs(self) -> list[GatedConv2D]:
+        return [getattr(self, n) for n in self._conv_names]
+
+    @property
+    def bns(self) -> list[BatchNorm]:
+        return [getattr(self, n) for n in self._bn_names]
+
+    @property
+    def gates(self) -> list[Gate]:
+        return [getattr(self, n) for n in self._gate_names]
 
     def call(self, x, training=False, freeze_bn_stats=False):
         shortcut = x
@@ -136,17 +154,22 @@ class GatedResNet(keras.Model):
                                      name="conv")
         self.stem_bn = BatchNorm(synchronized=sync_bn, name="bn")
         self.stem_gate = Gate(stem_group, name="stem_gate")
-        self.blocks = []
+        self._block_names = []
         in_channels, in_group = widths[0], stem_group
         for stage, (n_blocks, width, stride) in enumerate(zip(arch.blocks, widths, arch.strides)):
             for b in range(n_blocks):
                 block = ResidualBlock(width, stride if b == 0 else 1, in_channels,
                                       arch.bottleneck, in_group, self.stream_groups[stage],
                                       sync_bn=sync_bn, name=f"block{stage}_{b}")
-                self.blocks.append(block)
+                setattr(self, block.name, block)  # an attribute: see ResidualBlock
+                self._block_names.append(block.name)
                 in_channels, in_group = width * arch.expansion, self.stream_groups[stage]
         self.fc = GatedDense(num_classes, in_group=in_group, name="fc")
         self(tf.zeros((1, *self.image_shape)))  # create weights, record spatial sizes
+
+    @property
+    def blocks(self) -> list[ResidualBlock]:
+        return [getattr(self, n) for n in self._block_names]
 
     @property
     def gate_groups(self) -> list[GateGroup]:

@@ -147,7 +147,17 @@ def fit(trainer: Trainer, *, workdir: str, make_train_input: Callable, steps_per
     running = np.zeros(3)
     last_eval = state["history"][-1] if state["history"] else {}
 
+    def diverged(at_step, what):
+        kept = manager.latest_checkpoint or "none (no checkpoint was written yet)"
+        raise TrainingDiverged(
+            f"training diverged at step {at_step}: {what}; stopped without saving. Last good "
+            f"checkpoint: {kept}. Lower train.learning_rate or check the data.")
+
     def save(step_now):
+        # A finite loss can still leave Inf/NaN weights behind (a huge update): never
+        # checkpoint those.
+        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in model.weights):
+            diverged(step_now, "the weights are no longer finite")
         manager.save(checkpoint_number=step_now)
         if chief:
             atomic_write_json(state_path, state)
@@ -163,10 +173,7 @@ def fit(trainer: Trainer, *, workdir: str, make_train_input: Callable, steps_per
                                  "is the training split smaller than one batch?") from None
             loss, correct, count = trainer.train_step(batch).numpy()
             if not np.isfinite(loss):
-                kept = manager.latest_checkpoint or "none (no checkpoint was written yet)"
-                raise TrainingDiverged(
-                    f"loss became {loss} at step {step + 1}; stopped without saving. Last good "
-                    f"checkpoint: {kept}. Lower train.learning_rate or check the data.")
+                diverged(step + 1, f"the loss became {loss}")
             step += 1
             images += int(count)
             running += (loss, correct, count)
