@@ -1,0 +1,75 @@
+"""The ekg-train / ekg-eval command lines: real-data evidence and bad inputs, in subprocesses."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT
+
+
+def run_cli(module, *args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO_ROOT,
+                         capture_output=True, text=True, timeout=timeout, env=env)
+    lines = [line for line in out.stdout.strip().splitlines() if line.strip()]
+    result = json.loads(lines[-1]) if lines else None
+    return out.returncode, result, out.stderr
+
+
+def test_eval_of_published_resnet56_reports_published_accuracy(reference_npz, cifar_test1000):
+    code, result, err = run_cli(
+        "ekg_tf.cli.eval", "--config=configs/cifar10_resnet56.py",
+        f"--config.model.init={reference_npz}", "--config.data.source=npz",
+        f"--config.data.test_path={cifar_test1000}", "--bn_mode=both")
+    assert code == 0, err[-2000:]
+    assert abs(result["top1"] - 0.934) <= 0.003  # reference: 93.40% (BN inference mode)
+    assert result["batch_stats"]["top1"] >= 0.925  # reference: 93.50% (batch statistics)
+    assert result["examples"] == 1000 and 850_000 <= result["params"] <= 860_000
+    assert abs(result["macs"] - 125e6) / 125e6 < 0.01
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--config.model.arch=resnet57"], "unknown architecture 'resnet57'"),
+    (["--config.data.test_path=/no/such/test.npz"], "data.test_path '/no/such/test.npz' does not exist"),
+    (["--config.model.arch=resnet20"], "another architecture"),
+])
+def test_eval_bad_inputs_are_clear_errors(reference_npz, cifar_test1000, args, message):
+    base = ["--config=configs/cifar10_resnet56.py", f"--config.model.init={reference_npz}",
+            "--config.data.source=npz", f"--config.data.test_path={cifar_test1000}"]
+    code, result, err = run_cli("ekg_tf.cli.eval", *base, *args)
+    assert code == 2
+    assert message in err and "Traceback" not in err
+    assert result["status"] == "error" and message in result["error"]
+
+
+def test_eval_tfds_without_network_explains_alternatives(tmp_path, reference_npz):
+    from test_data import _network_available
+    if _network_available():
+        pytest.skip("this machine has network access")
+    code, result, err = run_cli(
+        "ekg_tf.cli.eval", "--config=configs/cifar10_resnet56.py",
+        f"--config.model.init={reference_npz}", "--config.data.source=tfds",
+        f"--config.data.tfds_data_dir={tmp_path}")
+    assert code == 2 and "Traceback" not in err
+    assert "--config.data.source=npz" in err and "tfds_manual_dir" in err
+
+
+def test_train_quickstart_runs_and_resumes(tmp_path):
+    args = ["--config=configs/quickstart.py", f"--workdir={tmp_path}",
+            "--config.train.steps=6", "--config.data.synthetic_train_size=256",
+            "--config.data.synthetic_test_size=64", "--config.train.checkpoint_every_steps=3"]
+    code, result, err = run_cli("ekg_tf.cli.train", *args)
+    assert code == 0, err[-2000:]
+    assert result["steps"] == 6 and 0.0 <= result["top1"] <= 1.0
+    assert os.path.exists(tmp_path / "model.weights.h5")
+    assert os.path.exists(tmp_path / "accuracy_per_epoch.png")
+    code, result, err = run_cli("ekg_tf.cli.train", *args[:-1], "--config.train.steps=8")
+    assert code == 0, err[-2000:]
+    assert result["steps"] == 8  # resumed from step 6, not restarted
+    code, evaluated, err = run_cli("ekg_tf.cli.eval", "--config=configs/quickstart.py",
+                                   f"--config.model.init={tmp_path / 'model.weights.h5'}",
+                                   "--config.data.synthetic_test_size=64")
+    assert code == 0, err[-2000:]
+    assert evaluated["top1"] == pytest.approx(result["top1"], abs=1e-6)
