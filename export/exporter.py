@@ -190,6 +190,9 @@ def export_all(req: ExportRequest, progress=print) -> dict:
                                  metadata={"fingerprint": fingerprint, "contract": req.contract,
                                            "model_name": req.model_name, "version": version,
                                            "fold_batch_norm": req.fold_batch_norm, **req.info})
+        models_config = os.path.join(req.export_dir, "models.config")
+        if not os.path.exists(models_config):  # an example for TF Serving; never clobbered
+            atomic_write_text(models_config, sm.models_config(req.model_name))
         inputs = sm.contract_inputs(req.contract, req.verify_uint8, req.mean, req.std)
         res = sm.run_in_fresh_process(path, inputs, runs=req.latency_runs, workdir=art_dir)
         extra = {"input": res["input"], "outputs": res["outputs"],

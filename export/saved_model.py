@@ -131,6 +131,14 @@ def read_warmup(path: str) -> list:
     return logs
 
 
+def models_config(model_name: str, mount: str = "/models/ekg") -> str:
+    """A TF Serving `models.config` serving the latest version (export dir mounted at `mount`)."""
+    return (f'model_config_list {{\n  config {{\n    name: "{model_name}"\n'
+            f'    base_path: "{mount}/saved_model/{model_name}"\n'
+            f'    model_platform: "tensorflow"\n'
+            f'    model_version_policy {{ latest {{ num_versions: 1 }} }}\n  }}\n}}\n')
+
+
 def existing_versions(base: str) -> list[int]:
     if not os.path.isdir(base):
         return []

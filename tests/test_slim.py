@@ -186,7 +186,7 @@ def resnet56_data():
         x_test, y_test = normalize(f["x"], "cifar10").numpy(), f["y"].astype(np.int64)
     with np.load(TRAIN) as f:
         # Training images only for BN re-estimation (never the test split).
-        idx = np.random.default_rng(0).choice(len(f["y"]), 2048, replace=False)
+        idx = np.random.default_rng(0).choice(len(f["y"]), 1024, replace=False)
         x_train = normalize(f["x"][np.sort(idx)], "cifar10").numpy()
     return model, x_test, y_test, x_train
 

@@ -1,0 +1,110 @@
+"""Latency of the dense vs the pruned ResNet-56 in Keras, TFLite (XNNPACK) and onnxruntime.
+
+    python benchmarks/export_latency.py [--subnet=workdir/search/subnet.json] [--threads=2]
+
+Without --subnet the pruned network is the deterministic stand-in of
+`export.subnets.l1_uniform_subnet(model, 0.45)` (L1 ranks, residual streams kept,
+uniform block-internal rate lowered until MACs ratio <= 0.45), not a search result.
+All runtimes run the deployment graph (BN folded into the convs), float32, on the
+same real CIFAR-10 images; latency = median wall time of --runs runs after warm-up.
+Prints a table (pruned/dense latency ratio next to the MACs ratio) and a JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--weights", default=os.path.join(SHARED, "reference", "res56_cifar10.npz"))
+    p.add_argument("--images", default=os.path.join(SHARED, "data", "cifar10",
+                                                     "cifar10_test1000_lossless.npz"))
+    p.add_argument("--subnet", default=None, help="SubnetSpec JSON (a real search result)")
+    p.add_argument("--target", type=float, default=0.45)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--batches", default="1,32")
+    args = p.parse_args()
+    for path in (args.weights, args.images):
+        if not os.path.exists(path):
+            sys.exit(f"error: {path} does not exist")
+
+    import numpy as np
+    import tensorflow as tf
+    from ekg_tf.data import normalize
+    from ekg_tf.flops import ComplexityCounter, complexity_graph
+    from ekg_tf.models import build_model
+    from ekg_tf.slim import fold_batch_norm, slim_model
+    from ekg_tf.subnet import SubnetSpec
+    from ekg_tf.weights import load_weights
+    from export import onnx_export, tflite, verify
+    from export.exporter import _edge_saved_model
+    from export.subnets import l1_uniform_subnet
+
+    model = build_model("resnet56", 10)
+    load_weights(model, args.weights)
+    dense = slim_model(model, name="resnet56_dense")
+    if args.subnet:
+        spec = SubnetSpec.from_json(args.subnet)
+        source = args.subnet
+    else:
+        spec = l1_uniform_subnet(model, args.target)
+        source = f"l1_uniform_subnet(target={args.target}) (deterministic stand-in, not a search)"
+    pruned = slim_model(model, spec, name="resnet56_pruned")
+    counter = ComplexityCounter(complexity_graph(model))
+    macs_ratio = counter.macs_ratio(spec.rates)
+    with np.load(args.images) as f:
+        x = normalize(f["x"][:64], "cifar10").numpy()
+    batches = [int(b) for b in args.batches.split(",")]
+
+    tmp = tempfile.mkdtemp(prefix="ekg-bench-")
+    rows = []
+    try:
+        runners = {}
+        for tag, net in (("dense", dense), ("pruned", pruned)):
+            folded = fold_batch_norm(net)
+            edge = _edge_saved_model(folded, os.path.join(tmp, f"{tag}_edge"))
+            tfl = os.path.join(tmp, f"{tag}.tflite")
+            with open(tfl, "wb") as fh:
+                fh.write(tflite.convert(edge, "none"))
+            onx = os.path.join(tmp, f"{tag}.onnx")
+            onnx_export.convert(folded, onx)
+            runners[tag] = {
+                "keras": verify.keras_predictor(folded),
+                f"tflite (XNNPACK, {args.threads} thr)": tflite.TFLiteRunner(tfl, args.threads),
+                f"onnxruntime ({args.threads} thr)": onnx_export.OnnxRunner(onx, args.threads),
+            }
+        for runtime in runners["dense"]:
+            for b in batches:
+                d = verify.latency_ms(runners["dense"][runtime], x, b, args.runs, warmup=3)
+                q = verify.latency_ms(runners["pruned"][runtime], x, b, args.runs, warmup=3)
+                rows.append({"runtime": runtime, "batch": b, "dense_ms": d, "pruned_ms": q,
+                             "latency_ratio": q / d, "macs_ratio": macs_ratio})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"sub-network: {source}")
+    print(f"MACs: dense {counter.full.macs / 1e6:.1f} M, pruned "
+          f"{counter.count(spec.rates).macs / 1e6:.1f} M (ratio {macs_ratio:.3f}); "
+          f"TF intra-op threads: default (cpu_count={os.cpu_count()}); median of {args.runs} runs")
+    print("| runtime | batch | dense ms | pruned ms | latency ratio | MACs ratio |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['runtime']} | {r['batch']} | {r['dense_ms']:.2f} | {r['pruned_ms']:.2f} | "
+              f"{r['latency_ratio']:.3f} | {r['macs_ratio']:.3f} |")
+    print(json.dumps({"subnet": source, "macs_ratio": macs_ratio, "threads": args.threads,
+                      "runs": args.runs, "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""Export chain: gated == slim Keras == SavedModel (fresh process) == TFLite float32 == ONNX,
+quantized TFLite agreement, TF Serving signature/warmup, version policy.
+
+Tolerances: float artifacts max |logits - slim Keras| <= 1e-4 * max |slim Keras logits|
+(measured ~1e-7 on ResNet-20, ~2e-6 on ResNet-56) and top-1 agreement >= 99.9%;
+dynamic-range / int8 TFLite: top-1 agreement with Keras >= 98%.
+
+The ResNet-56 sub-network is NOT a search result (the search writes
+workdir/search/subnet.json, not available here): it is the deterministic
+`export.subnets.l1_uniform_subnet(model, 0.45)` (L1-norm filter ranks; residual
+streams kept, one uniform rate for the block-internal groups lowered until
+ComplexityCounter.macs_ratio <= 0.45). Its BN statistics are re-estimated on
+2,048 training images before export; verification uses the 1,000 lossless test images.
+"""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from ekg_tf.data import normalize  # noqa: E402
+from ekg_tf.data.sources import synthetic_split  # noqa: E402
+from ekg_tf.flops import ComplexityCounter, complexity_graph  # noqa: E402
+from ekg_tf.models import build_model  # noqa: E402
+from ekg_tf.slim import fold_batch_norm, recalibrate_batch_norm, slim_model  # noqa: E402
+from ekg_tf.subnet import SubnetSpec  # noqa: E402
+from export import saved_model as sm, tflite  # noqa: E402
+from export.exporter import ExportRequest, export_all, resolve_version  # noqa: E402
+from export.onnx_export import OnnxRunner  # noqa: E402
+from export.subnets import l1_uniform_subnet  # noqa: E402
+
+CIFAR = dict(mean=(113.9, 123.0, 125.3), std=(66.7, 62.1, 63.0))
+FLOAT_REL_TOL = 1e-4
+RES56 = os.path.join(SHARED, "reference", "res56_cifar10.npz")
+TRAIN = os.path.join(SHARED, "data", "cifar10", "cifar10_train.npz")
+TEST1000 = os.path.join(SHARED, "data", "cifar10", "cifar10_test1000_lossless.npz")
+
+
+def rel_diff(ref, out):
+    return float(np.abs(np.asarray(ref) - np.asarray(out)).max() / np.abs(ref).max())
+
+
+def by_name(report):
+    return {a["name"]: a for a in report["artifacts"]}
+
+
+def saved_model_cli():
+    path = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    if not os.path.exists(path):
+        pytest.skip(f"saved_model_cli not found next to {sys.executable}")
+    return path
+
+
+# ----------------------------------------------------------------- ResNet-20, random sub-network
+
+@pytest.fixture(scope="module")
+def r20(tmp_path_factory):
+    rng = np.random.default_rng(0)
+    model = build_model("resnet20", 10)
+    for bn, _ in model.batch_norms():
+        for v in (bn.gamma, bn.beta, bn.moving_mean):
+            v.assign(rng.normal(0, 0.5, v.shape).astype(np.float32))
+        bn.moving_variance.assign(rng.uniform(0.5, 2.0, bn.moving_variance.shape).astype(np.float32))
+    for g in model.gate_groups:
+        g.rank = rng.permutation(g.channels)
+        g.rate = float(rng.uniform(0.1, 1.0))
+    spec = SubnetSpec.from_model(model)
+    data = synthetic_split(200, 10, 32, seed=5)
+    x = normalize(data.x, "cifar10").numpy()
+    slim = slim_model(model, spec)
+    export_dir = str(tmp_path_factory.mktemp("r20_export"))
+    report = export_all(ExportRequest(
+        slim=slim, export_dir=export_dir, **CIFAR, verify_uint8=data.x, verify_labels=data.y,
+        formats=("saved_model", "tflite", "onnx"), quant_modes=("none",),
+        contract="image_bytes", latency_runs=3), progress=lambda m: None)
+    return dict(model=model, spec=spec, slim=slim, x=x, data=data, report=report,
+                export_dir=export_dir, gated_logits=model(x).numpy())
+
+
+def test_r20_chain_parity(r20):
+    """gated == slim == SavedModel (PNG bytes in, fresh process) == TFLite float32 == ONNX."""
+    gated, report = r20["gated_logits"], r20["report"]
+    assert report["status"] == "ok", report
+    assert rel_diff(gated, r20["slim"](r20["x"]).numpy()) <= FLOAT_REL_TOL
+    arts = by_name(report)
+    for name in ("keras_folded", "saved_model", "tflite_float32", "onnx"):
+        assert arts[name]["max_rel_diff"] <= FLOAT_REL_TOL, arts[name]
+        assert arts[name]["top1_agreement"] == 1.0
+    # The SavedModel was run in a fresh Python process without ekg_tf, fed PNG bytes.
+    assert arts["saved_model"]["fresh_process_without_ekg_tf"] is True
+    # Independently of the report: run the written edge artifacts against the *gated* model.
+    art_dir = os.path.join(r20["export_dir"], "artifacts", "1")
+    out = tflite.TFLiteRunner(os.path.join(art_dir, "model_float32.tflite")).predict(r20["x"])
+    assert rel_diff(gated, out) <= FLOAT_REL_TOL
+    out = OnnxRunner(os.path.join(art_dir, "model.onnx")).predict(r20["x"])
+    assert rel_diff(gated, out) <= FLOAT_REL_TOL
+    for name in ("export_report.json", "export_report.md"):
+        assert os.path.exists(os.path.join(art_dir, name))
+        assert os.path.exists(os.path.join(r20["export_dir"], name))
+
+
+def test_r20_serving_signature_and_warmup(r20):
+    path = by_name(r20["report"])["saved_model"]["path"]
+    assert path.endswith(os.path.join("saved_model", "ekg_model", "1"))
+    proc = subprocess.run([saved_model_cli(), "show", "--all", "--dir", path],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
+    assert "signature_def['serving_default']" in out
+    assert "inputs['image_bytes']" in out and "DT_STRING" in out
+    for name in ("logits", "probabilities", "classes"):
+        assert f"outputs['{name}']" in out
+    models_config = open(os.path.join(r20["export_dir"], "models.config")).read()
+    assert 'base_path: "/models/ekg/saved_model/ekg_model"' in models_config
+    logs = sm.read_warmup(os.path.join(path, sm.WARMUP_FILE))
+    assert len(logs) == 2  # batch of 1 and a batch of 8
+    for log, n in zip(logs, (1, 8)):
+        request = log.predict_log.request
+        assert request.model_spec.name == "ekg_model"
+        assert request.model_spec.signature_name == "serving_default"
+        assert list(request.inputs) == ["image_bytes"]
+        assert request.inputs["image_bytes"].tensor_shape.dim[0].size == n
+
+
+def test_r20_uint8_contract_bumps_version(r20):
+    """A different model into the same export dir: version 2 (auto); never overwrites 1."""
+    v1 = by_name(r20["report"])["saved_model"]["path"]
+    before = {os.path.join(d, f): open(os.path.join(d, f), "rb").read()
+              for d, _, fs in os.walk(v1) for f in fs}
+    slim = slim_model(r20["model"], r20["spec"])
+    slim.get_layer("fc").bias.assign(slim.get_layer("fc").bias.numpy() + 1.0)  # different model
+    with pytest.raises(FileExistsError, match="different model as version 1"):
+        export_all(ExportRequest(slim=slim, export_dir=r20["export_dir"], **CIFAR,
+                                 verify_uint8=r20["data"].x[:16], verify_labels=None,
+                                 formats=("saved_model",), version=1,
+                                 contract="images_uint8"), progress=lambda m: None)
+    report = export_all(ExportRequest(
+        slim=slim, export_dir=r20["export_dir"], **CIFAR, verify_uint8=r20["data"].x[:64],
+        verify_labels=r20["data"].y[:64], formats=("saved_model",), contract="images_uint8",
+        latency_runs=2), progress=lambda m: None)
+    assert report["version"] == 2 and report["status"] == "ok"
+    path = by_name(report)["saved_model"]["path"]
+    assert path.endswith(os.path.join("ekg_model", "2"))
+    entry = by_name(report)["saved_model"]
+    assert entry["input"] == "images_uint8" and entry["max_rel_diff"] <= FLOAT_REL_TOL
+    # Version 1 is untouched, byte for byte.
+    after = {os.path.join(d, f): open(os.path.join(d, f), "rb").read()
+              for d, _, fs in os.walk(v1) for f in fs}
+    assert after == before
+
+
+def test_version_policy_unit(tmp_path):
+    os.makedirs(tmp_path / "saved_model" / "m" / "3")
+    os.makedirs(tmp_path / "artifacts" / "3")
+    (tmp_path / "artifacts" / "3" / "fingerprint.txt").write_text("abc\n")
+    assert resolve_version(str(tmp_path), "m", 0, "xyz") == 4
+    assert resolve_version(str(tmp_path), "m", 3, "abc") == 3  # same model: may re-export
+    assert resolve_version(str(tmp_path), "m", 5, "xyz") == 5
+    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+        resolve_version(str(tmp_path), "m", 3, "xyz")
+
+
+def test_bad_export_arguments(r20, tmp_path):
+    common = dict(slim=r20["slim"], export_dir=str(tmp_path), **CIFAR,
+                  verify_uint8=r20["data"].x[:4], verify_labels=None)
+    with pytest.raises(ValueError, match="unknown export format"):
+        export_all(ExportRequest(formats=("saved_model", "tensorrt"), **common))
+    with pytest.raises(ValueError, match="unknown quantization mode"):
+        export_all(ExportRequest(formats=("tflite",), quant_modes=("int4",), **common))
+    with pytest.raises(ValueError, match="representative dataset"):
+        export_all(ExportRequest(formats=("tflite",), quant_modes=("int8",), **common))
+    with pytest.raises(ValueError, match="input_contract"):
+        export_all(ExportRequest(contract="jpeg", **common))
+    assert not os.listdir(tmp_path)  # nothing written on bad input
+
+
+# --------------------------------------------------- ResNet-56 published, pruned to <= 0.45 MACs
+
+@pytest.fixture(scope="module")
+def r56(tmp_path_factory):
+    if not all(os.path.exists(p) for p in (RES56, TRAIN, TEST1000)):
+        pytest.skip(f"shared reference weights/data not found under {SHARED}")
+    from ekg_tf.weights import load_weights
+    model = build_model("resnet56", 10)
+    load_weights(model, RES56)
+    dense = slim_model(model)
+    spec = l1_uniform_subnet(model, 0.45)
+    with np.load(TEST1000) as f:
+        x_raw, y = f["x"], f["y"].astype(np.int64)
+    with np.load(TRAIN) as f:
+        idx = np.sort(np.random.default_rng(0).choice(len(f["y"]), 2048, replace=False))
+        x_train = normalize(f["x"][idx], "cifar10").numpy()
+    x = normalize(x_raw, "cifar10").numpy()
+    gated_logits = model(x[:200]).numpy()
+    slim = slim_model(model, spec)
+    slim_logits_stale = slim(x[:200]).numpy()
+    recalibrate_batch_norm(slim, x_train)  # training images only (spec section 9)
+    export_dir = str(tmp_path_factory.mktemp("r56_export"))
+    report = export_all(ExportRequest(
+        slim=slim, export_dir=export_dir, **CIFAR, verify_uint8=x_raw, verify_labels=y,
+        formats=("saved_model", "tflite", "onnx"), quant_modes=("none", "float16", "dynamic", "int8"),
+        representative=x_train[:256], contract="images", latency_runs=3),
+        progress=lambda m: None)
+    return dict(model=model, dense=dense, spec=spec, x=x, y=y, x_train=x_train, report=report,
+                gated_logits=gated_logits, slim_logits_stale=slim_logits_stale)
+
+
+def test_r56_pruned_float_chain(r56):
+    counter = ComplexityCounter(complexity_graph(r56["model"]))
+    assert counter.macs_ratio(r56["spec"].rates) <= 0.45
+    assert rel_diff(r56["gated_logits"], r56["slim_logits_stale"]) <= FLOAT_REL_TOL
+    arts = by_name(r56["report"])
+    for name in ("keras_folded", "saved_model", "tflite_float32", "onnx"):
+        assert arts[name]["status"] == "ok"
+        assert arts[name]["max_rel_diff"] <= FLOAT_REL_TOL, arts[name]
+        assert arts[name]["top1_agreement"] >= 0.999, arts[name]
+        assert arts[name]["images"] == 1000
+    assert arts["onnx"]["opset"] == 17
+    # Re-estimated BN: a working network (not chance) on the lossless test images.
+    assert arts["keras"]["top1_accuracy"] > 0.5
+
+
+def test_r56_quantized_tflite(r56):
+    arts = by_name(r56["report"])
+    assert arts["tflite_float16"]["status"] == "ok"
+    assert arts["tflite_float16"]["top1_agreement"] >= 0.99, arts["tflite_float16"]
+    assert arts["tflite_dynamic"]["top1_agreement"] >= 0.98, arts["tflite_dynamic"]
+    assert arts["tflite_dynamic"]["size_bytes"] < 0.4 * arts["tflite_float32"]["size_bytes"]
+    int8 = arts["tflite_int8"]
+    assert int8["size_bytes"] < 0.4 * arts["tflite_float32"]["size_bytes"]
+    # The report's verdict follows the 98% tolerance, and a failure fails the export.
+    assert (int8["status"] == "ok") == (int8["top1_agreement"] >= 0.98)
+    if int8["status"] != "ok":
+        assert r56["report"]["status"] == "failed"
+    # Measured 0.948 for this non-fine-tuned sub-network (68% accuracy: 5.6% of the
+    # images have a top-2 logit margin < 0.3, which int8 noise flips); guard against
+    # regressions in the quantization path itself.
+    assert int8["top1_agreement"] >= 0.92, int8
+
+
+def test_r56_dense_int8_agreement(r56, tmp_path):
+    """Full-int8 TFLite of the published ResNet-56 agrees with Keras on >= 98% of the images."""
+    from export.exporter import _edge_saved_model
+    folded = fold_batch_norm(r56["dense"])
+    edge = _edge_saved_model(folded, str(tmp_path / "edge"))
+    path = str(tmp_path / "dense_int8.tflite")
+    with open(path, "wb") as f:
+        f.write(tflite.convert(edge, "int8", r56["x_train"][:256], int8_io=True))
+    runner = tflite.TFLiteRunner(path)
+    assert runner.input_dtype == np.int8
+    out = runner.predict(r56["x"])
+    ref = r56["dense"].predict(r56["x"], batch_size=250, verbose=0)
+    agreement = float(np.mean(out.argmax(1) == ref.argmax(1)))
+    assert agreement >= 0.98, agreement
+    assert abs(float(np.mean(out.argmax(1) == r56["y"])) - 0.934) <= 0.01
