@@ -20,6 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import flags  # noqa: E402
 
 from ekg_tf.cli import common  # noqa: E402
+from export.weights_io import find_weights, load_slim, sample_indices  # noqa: E402
 
 FLAGS = common.define_flags()
 flags.DEFINE_string("formats", "saved_model,tflite,onnx",
@@ -34,74 +35,8 @@ flags.DEFINE_string("export_dir", None, "Output directory (default workdir/expor
 flags.DEFINE_string("representative_data", None, "An .npz with uint8 'x' training images for "
                     "int8 calibration (default: export.representative_path or the training split).")
 
-# Where the fine-tuning stage leaves its best weights, in order of preference.
-FINETUNED_CANDIDATES = ("best.keras", "best.weights.h5", "final.keras", "final.weights.h5")
-
-
 def _log(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def find_weights(workdir: str, flag_value: str | None, init: str) -> tuple[str, bool]:
-    """(path, fine_tuned) of the weights to export."""
-    if flag_value:
-        if not os.path.exists(flag_value) and not os.path.exists(flag_value + ".index"):
-            raise FileNotFoundError(f"--weights {flag_value!r} does not exist")
-        return flag_value, os.path.abspath(flag_value).startswith(
-            os.path.abspath(os.path.join(workdir, "finetune")))
-    for name in FINETUNED_CANDIDATES:
-        path = os.path.join(workdir, "finetune", name)
-        if os.path.exists(path):
-            return path, True
-    if not init:
-        raise common.UserError(f"no weights: nothing fine-tuned in {workdir}/finetune/ "
-                               f"({', '.join(FINETUNED_CANDIDATES)}), no --weights and no "
-                               "config.model.init")
-    return init, False
-
-
-def load_slim(config, spec, weights: str, fine_tuned: bool):
-    """(slim Keras model, gated model or None) for the spec and weights."""
-    import keras
-    from ekg_tf.slim import slim_model
-    model = common.build_model_from_config(config, load_init=False)
-    spec.check_fits(model)
-    if weights.endswith(".keras"):
-        slim = keras.models.load_model(weights, compile=False)
-        expected = slim_model(model, spec)
-        shapes = [tuple(w.shape) for w in slim.weights]
-        if shapes != [tuple(w.shape) for w in expected.weights]:
-            raise ValueError(f"{weights}: the model's shapes do not fit the sub-network spec")
-        return slim, None
-    from ekg_tf.weights import WeightsError, load_weights
-    if weights.endswith(".weights.h5") and _h5_shapes(weights) == sorted(
-            tuple(w.shape) for w in slim_model(model, spec).weights):
-        # The fine-tuned slim model's weights (Keras does not refuse a mismatched
-        # .weights.h5, so the file's shapes decide which model it belongs to).
-        slim = slim_model(model, spec)
-        slim.load_weights(weights)
-        return slim, None
-    try:
-        load_weights(model, weights)
-    except WeightsError as e:
-        raise ValueError(str(e)) from None
-    spec.apply_to(model)
-    return slim_model(model, spec), model
-
-
-def _h5_shapes(path: str) -> list:
-    import h5py
-    shapes = []
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda name, obj: shapes.append(tuple(obj.shape))
-                     if isinstance(obj, h5py.Dataset) else None)
-    return sorted(shapes)
-
-
-def sample_indices(n_total: int, n: int, seed: int = 0):
-    import numpy as np
-    n = min(int(n), n_total)
-    return np.sort(np.random.default_rng(seed).choice(n_total, n, replace=False))
 
 
 def main(argv):
@@ -131,7 +66,10 @@ def main(argv):
     export_dir = FLAGS.export_dir or os.path.join(workdir, "export")
 
     _log(f"[export] sub-network {subnet_path}, weights {weights} (fine-tuned: {fine_tuned})")
-    slim, gated = load_slim(config, spec, weights, fine_tuned)
+    slim, gated = load_slim(config, spec, weights)
+    # A slim model's weights (.keras / slim .weights.h5) come after slimming, with
+    # statistics of their own: only gated weights from outside finetune/ need re-estimation.
+    fine_tuned = fine_tuned or gated is None
     mean, std = normalization_for(config.data.get("normalization") or config.data.name)
     norm_name = config.data.get("normalization") or config.data.name
     need_train = not fine_tuned or ("int8" in modes and not rep_path)
