@@ -125,6 +125,9 @@ def export_all(req: ExportRequest, progress=print) -> dict:
     """Writes and verifies every artifact; returns the report (status 'ok' or 'failed')."""
     formats = check_formats(req.formats)
     modes = tflite.check_modes(req.quant_modes) if "tflite" in formats else []
+    if "tflite" in formats and not modes:
+        raise ValueError(f"format tflite needs at least one quantization mode of "
+                         f"{tflite.QUANT_MODES}")
     sm.check_contract(req.contract)
     if "tflite" in formats and "int8" in modes and (
             req.representative is None or len(req.representative) == 0):

@@ -173,6 +173,8 @@ def test_bad_export_arguments(r20, tmp_path):
         export_all(ExportRequest(formats=("saved_model", "tensorrt"), **common))
     with pytest.raises(ValueError, match="unknown quantization mode"):
         export_all(ExportRequest(formats=("tflite",), quant_modes=("int4",), **common))
+    with pytest.raises(ValueError, match="at least one quantization mode"):
+        export_all(ExportRequest(formats=("tflite",), quant_modes=(), **common))
     with pytest.raises(ValueError, match="representative dataset"):
         export_all(ExportRequest(formats=("tflite",), quant_modes=("int8",), **common))
     with pytest.raises(ValueError, match="input_contract"):
