@@ -121,3 +121,13 @@ def test_tfds_without_network_says_how_to_use_npz(tmp_path):
     message = str(e.value)
     assert "could not prepare TFDS dataset 'cifar10'" in message
     assert "--config.data.source=npz" in message and "folder" in message
+
+
+def test_imagenet_tfds_with_missing_manual_dir_is_a_clear_error(tmp_path):
+    cfg = _cfg(source="tfds", name="imagenet2012", image_size=224,
+               tfds_data_dir=str(tmp_path / "tfds"), tfds_manual_dir=str(tmp_path / "no_tars"))
+    with pytest.raises(DataError) as e:
+        input_fn(cfg, "train", True, 8)
+    message = str(e.value)
+    assert "could not prepare TFDS dataset 'imagenet2012'" in message
+    assert "tfds_manual_dir" in message
