@@ -61,19 +61,22 @@ def train_config():
 
 def search_config():
     return ml_collections.ConfigDict(dict(
-        target_ratio=0.45,      # stop when MACs(sub-network)/MACs(full) <= target
-        search_step=0.2,
-        batch_size=256,
-        objective="ekg",        # ekg | loss | accuracy
-        importance="taylor",    # taylor | l1
+        target_ratio=0.45,      # stop when MACs(sub-network)/MACs(full) <= target, in (0, 1)
+        search_step=0.2,        # coarse step per gate: max(1/C, search_step/uses)
+        batch_size=256,         # validation batch (BN batch statistics are per batch)
+        objective="ekg",        # ekg (CE + CE(softmax(K))) | loss (plain CE) | accuracy
+        importance="taylor",    # taylor (through the gates) | l1 (filter L1 norms)
         adapt=True,             # the reference's short adaptation pass before searching
         adapt_learning_rate=1e-3,
         adapt_batch_size=256,
+        adapt_weight_decay=5e-4,
+        cache_prefix=True,      # cache the unchanged prefix of the network per candidate
         num_teachers=5,
+        build_memory_bank=True,
         memory_bank_topk=0,     # 0: full logits; k>0: top-k logits per teacher (ImageNet)
         memory_bank_shard_size=10_000,
-        bn_recalibration_images=4096,
-        max_steps=1000,
+        bn_recalibration_images=4096,   # training images for the BN re-estimation (test eval)
+        max_steps=1000,         # stop after this many steps in all (resume with a larger one)
     ))
 
 

@@ -1,0 +1,212 @@
+"""The whole `ekg-search` job as a function: data, adaptation, search, outputs, memory bank.
+
+`run_search(config, workdir)` returns the result dict that the CLI prints; every
+stage is resumable (the search from its state, the memory bank is reused when a
+complete one with the same teachers exists).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+import keras
+
+from ekg_tf.data import load_arrays, normalize, num_classes_for, reference_split_indices
+from ekg_tf.data.pipeline import input_fn
+from ekg_tf.models import build_model
+from ekg_tf.search import evaluator as ev
+from ekg_tf.search.adapt import adapt
+from ekg_tf.search.memory_bank import MemoryBank, build_memory_bank, select_teachers
+from ekg_tf.search.objective import knowledge_weight
+from ekg_tf.search.plots import save_search_plots
+from ekg_tf.search.search import EKGSearch, SearchSettings
+from ekg_tf.search.state import load_state
+from ekg_tf.utils.io import atomic_path, atomic_write_json
+from ekg_tf.utils.progress import ProgressBar
+from ekg_tf.weights import load_weights
+
+
+def _abs(path):
+    return os.path.abspath(path) if path else ""
+
+
+def run_fingerprint(config) -> dict:
+    """What must not change between a search and its resumption."""
+    d, s = config.data, config.search
+    return {"arch": config.model.arch, "num_classes": num_classes_for(d),
+            "init": _abs(config.model.init), "data_source": d.source, "data_name": d.name,
+            "train_path": _abs(d.train_path), "image_size": int(d.image_size),
+            "val_per_class": int(d.val_per_class), "adapt": bool(s.adapt),
+            "adapt_per_class": int(d.adapt_per_class) if s.adapt else 0,
+            "adapt_learning_rate": float(s.adapt_learning_rate) if s.adapt else 0.0,
+            "batch_size": int(s.batch_size), "seed": int(config.seed),
+            "target_ratio": float(s.target_ratio), "search_step": float(s.search_step),
+            "objective": str(s.objective), "importance": str(s.importance)}
+
+
+def _normalized(data_cfg, images):
+    return normalize(images, data_cfg.get("normalization") or data_cfg.name).numpy()
+
+
+def _default_temperature(config):
+    t = float(config.finetune.get("temperature", 0.0) or 0.0)
+    if t > 0:
+        return t
+    return 10.0 if num_classes_for(config.data) >= 1000 else 4.0
+
+
+def _save_weights(model, path):
+    with atomic_path(path) as tmp:
+        model.save_weights(tmp)
+
+
+def evaluate_test(model, config, log) -> dict:
+    """Test top-1 of the current sub-network before fine-tuning, in both BN modes."""
+    data = config.data
+    rng = np.random.default_rng(int(config.seed) + 7)
+    test = load_arrays(data, "test")
+    order = rng.permutation(len(test))  # shuffled: BN batch statistics need mixed batches
+    x_test, y_test = _normalized(data, test.x[order]), test.y[order]
+    bs = int(data.eval_batch_size)
+    out = {"test_examples": int(len(test)),
+           "test_top1_bn_train_mode": ev.top1(ev.batch_logits(model, x_test, bs, True), y_test)}
+    n_cal = int(config.search.bn_recalibration_images)
+    if n_cal > 0:
+        train = load_arrays(data, "train")
+        idx = rng.permutation(len(train))[:n_cal]
+        saved = ev.bn_statistics(model)
+        used = ev.recalibrate_batch_norm(model, _normalized(data, train.x[idx]),
+                                         min(bs, len(idx)))
+        out["test_top1_bn_recalibrated"] = ev.top1(ev.batch_logits(model, x_test, bs, False),
+                                                   y_test)
+        out["bn_recalibration_train_images"] = used
+        ev.restore_bn_statistics(model, saved)
+    log(f"test top-1 before fine-tuning: {out}")
+    return out
+
+
+def _memory_bank(model, config, workdir, history, log) -> dict:
+    s = config.search
+    entries = history[:-1]  # the final sub-network is not a teacher
+    chosen = select_teachers([e["loss"] for e in entries], int(s.num_teachers))
+    teachers = [entries[i] for i in chosen]
+    bank_dir = os.path.join(workdir, "memory_bank")
+    dataset_fn, n = input_fn(config.data, "train", training=False,
+                             global_batch_size=int(config.data.eval_batch_size),
+                             with_index=True, shuffle=False, drop_remainder=False)
+    try:
+        bank = MemoryBank.open(bank_dir)
+        same = ([t["step"] for t in bank.meta["teachers"]] == [t["step"] for t in teachers]
+                and bank.num_examples == n and bank.topk == int(s.memory_bank_topk or 0))
+        if same:
+            log(f"memory bank in {bank_dir} is complete; reusing it")
+            return bank.meta
+    except FileNotFoundError:
+        pass
+    log(f"memory bank: {len(teachers)} teachers (steps {[t['step'] for t in teachers]}) "
+        f"over {n} training images")
+    bs = int(config.data.eval_batch_size)
+    bar = ProgressBar(-(-n // bs), desc="memory bank", unit="img")
+    batches = ((x.numpy(), y.numpy(), i.numpy()) for x, y, i in dataset_fn(None))
+    meta = build_memory_bank(model, teachers, batches, n, bank_dir,
+                             shard_size=int(s.memory_bank_shard_size),
+                             topk=int(s.memory_bank_topk or 0),
+                             temperature=_default_temperature(config), progress=bar,
+                             extra_meta={"split": "train", "data": config.data.name})
+    bar.close()
+    return meta
+
+
+def run_search(config, workdir: str, log=None, on_step=None) -> dict:
+    """Runs (or resumes) the search described by `config` in `workdir`; returns the result."""
+    log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    tf.get_logger().setLevel("ERROR")  # tracing one function per start segment is by design
+    t_start = time.time()
+    settings = SearchSettings.from_config(config.search)
+    data, s = config.data, config.search
+    search_dir = os.path.join(workdir, "search")
+    fingerprint = run_fingerprint(config)
+    resuming = load_state(search_dir, fingerprint) is not None  # refuses another run's state
+    rng = np.random.default_rng(int(config.seed))
+
+    train = load_arrays(data, "train")
+    val_idx = reference_split_indices(train.y, int(data.val_per_class), from_end=True) \
+        if int(data.val_per_class) > 0 else np.zeros(0, np.int64)
+    val_idx = val_idx[rng.permutation(len(val_idx))]  # mixed classes in every BN batch
+    val_x, val_y = _normalized(data, train.x[val_idx]), train.y[val_idx]
+    if len(val_x) == 0:
+        raise ValueError("the validation set is empty: data.val_per_class must be > 0 and the "
+                         "training split must hold images of every class")
+
+    input_shape = (int(data.image_size), int(data.image_size), 3)
+    keras.utils.set_random_seed(int(config.seed))  # same initial weights when init is empty
+    model = build_model(config.model.arch, num_classes_for(data), input_shape=input_shape,
+                        sync_bn=config.model.sync_bn)
+    if config.model.init:
+        load_weights(model, config.model.init)
+    weights_path = os.path.join(search_dir, "weights.weights.h5")
+    adapt_info = {}
+    if resuming and os.path.exists(weights_path):
+        model.load_weights(weights_path)
+        log(f"resuming: weights of the search loaded from {weights_path}")
+    elif resuming and s.adapt:
+        raise ValueError(f"{search_dir} holds a search state but not its adapted weights "
+                         f"{weights_path}; delete {search_dir} to start again")
+    else:
+        if s.adapt:
+            ad_idx = reference_split_indices(train.y, int(data.adapt_per_class), from_end=False)
+            ad_idx = ad_idx[rng.permutation(len(ad_idx))]
+            bs = int(s.adapt_batch_size)
+            bar = ProgressBar(len(ad_idx) // max(bs, 1), desc="adaptation", unit="img")
+            t0 = time.time()
+            adapt_info = adapt(model, _normalized(data, train.x[ad_idx]), train.y[ad_idx],
+                               learning_rate=float(s.adapt_learning_rate), batch_size=bs,
+                               weight_decay=float(s.adapt_weight_decay), progress=bar)
+            bar.close()
+            adapt_info["seconds"] = time.time() - t0
+            log(f"adaptation pass: {adapt_info}")
+        _save_weights(model, weights_path)
+
+    evaluator = ev.SubnetEvaluator(model, val_x, val_y, int(s.batch_size),
+                                   knowledge_weight=knowledge_weight(settings.objective),
+                                   cache_prefix=bool(s.cache_prefix))
+    writer = tf.summary.create_file_writer(os.path.join(search_dir, "tb"))
+    search = EKGSearch(model, evaluator, settings, search_dir, fingerprint, log=log,
+                       summary_writer=writer,
+                       rng_state={"seed": int(config.seed),
+                                  "numpy_pcg64": rng.bit_generator.state})
+    result = search.run(on_step=on_step)
+    spec_path = os.path.join(search_dir, "subnet.json")
+    result.spec.to_json(spec_path)
+    plots = save_search_plots(search_dir, result.history,
+                              {g.name: g.channels for g in model.gate_groups})
+    out = {"status": "done" if result.done else "incomplete",
+           "flops_ratio": result.macs_ratio, "macs_ratio": result.macs_ratio,
+           "params_ratio": result.params_ratio, "steps": result.steps,
+           "search_seconds": result.search_seconds, "val_loss": result.val_loss,
+           "val_top1": result.val_top1, "target_ratio": settings.target_ratio,
+           "retraces_after_warmup": result.retraces_after_warmup, "trace_count": evaluator.trace_count,
+           "subnet": spec_path, "weights": weights_path, "plots": plots}
+    if adapt_info:
+        out["adapt_seconds"] = adapt_info["seconds"]
+    if not result.done:
+        log(f"search stopped at step {result.steps} (search.max_steps) above the target; "
+            "run the same command again with a larger search.max_steps to continue")
+        out["total_seconds"] = time.time() - t_start
+        return out
+    out.update(evaluate_test(model, config, log))
+    if s.build_memory_bank:
+        t0 = time.time()
+        meta = _memory_bank(model, config, workdir, result.history, log)
+        result.spec.apply_to(model)  # the bank changed the masks
+        out.update({"memory_bank": os.path.join(workdir, "memory_bank"),
+                    "memory_bank_bytes_per_image": meta["bytes_per_image"],
+                    "memory_bank_total_bytes": meta["total_bytes"],
+                    "memory_bank_teachers": [t["step"] for t in meta["teachers"]],
+                    "memory_bank_seconds": time.time() - t0})
+    out["total_seconds"] = time.time() - t_start
+    atomic_write_json(os.path.join(search_dir, "result.json"), out)
+    return out
