@@ -18,7 +18,14 @@ def get_config():
     config.train.schedule = "cosine"
     config.search.target_ratio = 0.55
     config.search.memory_bank_topk = 20
+    # Fine-tuning: T = 10 as the reference for ImageNet; the reference does not publish
+    # its ImageNet fine-tuning schedule, these are the usual ResNet-50 settings.
+    config.finetune.mode = "ekg"
+    config.finetune.temperature = 10.0
+    config.finetune.batch_size = 256
     config.finetune.epochs = 90
     config.finetune.learning_rate = 0.1
-    config.finetune.temperature = 10.0
+    config.finetune.weight_decay = 1e-4
+    config.finetune.schedule = "cosine"
+    config.finetune.bn_recalibration_images = 1024  # 224x224 float32: 0.6 GB
     return config

@@ -82,12 +82,24 @@ def search_config():
 
 def finetune_config():
     return ml_collections.ConfigDict(dict(
-        mode="ekg",             # ekg | plain | kd (knowledge of the unpruned network only)
-        temperature=0.0,        # 0: 4 for CIFAR, 10 for ImageNet
+        mode="ekg",             # ekg | plain (CE, one view) | kd (unpruned network as the only teacher)
+        temperature=0.0,        # 0: 4 for CIFAR, 10 for 1000+ classes (ImageNet)
+        teacher_selection="global",  # global (sums all-reduced: N replicas == 1 device) | replica
+        views=2,                # augmented views per image (ekg/kd); gradients averaged over views
+        jitter=True,            # colour jitter on the distillation views (spec section 8)
         epochs=100,
+        steps=0,                # >0: train this many steps (overrides epochs)
+        batch_size=0,           # global batch; 0: data.batch_size
         learning_rate=1e-2,
-        steps=0,
-        train_subset=0,         # >0: use only this many training images (short runs)
+        momentum=0.9,
+        nesterov=True,
+        weight_decay=5e-4,      # L2 added to the gradients, as the reference
+        schedule="step",        # step | cosine | constant
+        decay_boundaries=(0.3, 0.6, 0.8),   # fractions of the fine-tuning
+        decay_factor=0.2,
+        warmup_steps=0,
+        train_subset=0,         # >0: use only this many (random, seeded) training images
+        bn_recalibration_images=4096,  # training images re-estimating BN before training
     ))
 
 
