@@ -77,7 +77,7 @@ def r20(tmp_path_factory):
     export_dir = str(tmp_path_factory.mktemp("r20_export"))
     report = export_all(ExportRequest(
         slim=slim, export_dir=export_dir, **CIFAR, verify_uint8=data.x, verify_labels=data.y,
-        formats=("saved_model", "tflite", "onnx"), quant_modes=("none",),
+        formats=("saved_model", "tflite", "onnx"), quant_modes=("none", "float16"),
         contract="image_bytes", latency_runs=3), progress=lambda m: None)
     return dict(model=model, spec=spec, slim=slim, x=x, data=data, report=report,
                 export_dir=export_dir, gated_logits=model(x).numpy())
@@ -92,6 +92,8 @@ def test_r20_chain_parity(r20):
     for name in ("keras_folded", "saved_model", "tflite_float32", "onnx"):
         assert arts[name]["max_rel_diff"] <= FLOAT_REL_TOL, arts[name]
         assert arts[name]["top1_agreement"] == 1.0
+    assert arts["tflite_float16"]["status"] == "ok"
+    assert arts["tflite_float16"]["top1_agreement"] >= 0.99
     # The SavedModel was run in a fresh Python process without ekg_tf, fed PNG bytes.
     assert arts["saved_model"]["fresh_process_without_ekg_tf"] is True
     # Independently of the report: run the written edge artifacts against the *gated* model.
@@ -206,8 +208,8 @@ def r56(tmp_path_factory):
     export_dir = str(tmp_path_factory.mktemp("r56_export"))
     report = export_all(ExportRequest(
         slim=slim, export_dir=export_dir, **CIFAR, verify_uint8=x_raw, verify_labels=y,
-        formats=("saved_model", "tflite", "onnx"), quant_modes=("none", "float16", "dynamic", "int8"),
-        representative=x_train[:256], contract="images", latency_runs=3),
+        formats=("saved_model", "tflite", "onnx"), quant_modes=("none", "dynamic", "int8"),
+        representative=x_train[:256], contract="images", latency_runs=2),
         progress=lambda m: None)
     return dict(model=model, dense=dense, spec=spec, x=x, y=y, x_train=x_train, report=report,
                 gated_logits=gated_logits, slim_logits_stale=slim_logits_stale)
@@ -230,8 +232,6 @@ def test_r56_pruned_float_chain(r56):
 
 def test_r56_quantized_tflite(r56):
     arts = by_name(r56["report"])
-    assert arts["tflite_float16"]["status"] == "ok"
-    assert arts["tflite_float16"]["top1_agreement"] >= 0.99, arts["tflite_float16"]
     assert arts["tflite_dynamic"]["top1_agreement"] >= 0.98, arts["tflite_dynamic"]
     assert arts["tflite_dynamic"]["size_bytes"] < 0.4 * arts["tflite_float32"]["size_bytes"]
     int8 = arts["tflite_int8"]
@@ -240,9 +240,10 @@ def test_r56_quantized_tflite(r56):
     assert (int8["status"] == "ok") == (int8["top1_agreement"] >= 0.98)
     if int8["status"] != "ok":
         assert r56["report"]["status"] == "failed"
-    # Measured 0.948 for this non-fine-tuned sub-network (68% accuracy: 5.6% of the
-    # images have a top-2 logit margin < 0.3, which int8 noise flips); guard against
-    # regressions in the quantization path itself.
+    # Measured 0.948 for this non-fine-tuned sub-network (68% accuracy): its logits
+    # spread less (std 2.4 vs 3.8 dense), 5.6% of the images have a top-2 margin < 0.3,
+    # and int8's logit error (RMS 0.26, dense 0.19) flips them; Gaussian noise of the
+    # same RMS flips 3.2%. Guard against regressions of the quantization path itself.
     assert int8["top1_agreement"] >= 0.92, int8
 
 
@@ -258,6 +259,9 @@ def test_r56_dense_int8_agreement(r56, tmp_path):
     assert runner.input_dtype == np.int8
     out = runner.predict(r56["x"])
     ref = r56["dense"].predict(r56["x"], batch_size=250, verbose=0)
+    # The published network, slimmed at rate 1, keeps the reference's accuracy
+    # (../shared/data/README.md: 93.40% on the lossless 1,000 with BN in inference mode).
+    assert abs(float(np.mean(ref.argmax(1) == r56["y"])) - 0.934) <= 0.002
     agreement = float(np.mean(out.argmax(1) == ref.argmax(1)))
     assert agreement >= 0.98, agreement
     assert abs(float(np.mean(out.argmax(1) == r56["y"])) - 0.934) <= 0.01

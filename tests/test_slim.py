@@ -199,12 +199,7 @@ def accuracy(model, x, y):
 @needs_shared
 def test_resnet56_dense_and_pruned(resnet56_data):
     model, x_test, y_test, x_train = resnet56_data
-    dense = slim_model(model)
-    # The published network, slimmed at rate 1, keeps the reference's accuracy
-    # (../shared/data/README.md: 93.40% with BN in inference mode).
-    acc_dense = accuracy(dense, x_test, y_test)
-    assert abs(acc_dense - 0.934) <= 0.002, acc_dense
-
+    # (The dense slim model's 93.40% accuracy is checked in test_export.py.)
     spec = l1_uniform_subnet(model, 0.45)
     assert ComplexityCounter(complexity_graph(model)).macs_ratio(spec.rates) <= 0.45
     slim = slim_model(model, spec)
