@@ -4,8 +4,8 @@
         --formats=saved_model,tflite,onnx --quantize=none,float16,dynamic,int8
 
 Reads the sub-network `workdir/search/subnet.json` (or --subnet) and the weights
-(--weights; default: the fine-tuned weights in `workdir/finetune/` if present,
-else `config.model.init`). Weights that are not fine-tuned get their BN
+(--weights; default: the fine-tuned model in `workdir/finetune/` if present, else
+the search's `workdir/search/weights.weights.h5`, else `config.model.init`). Weights that are not fine-tuned get their BN
 statistics re-estimated on training images first (spec section 9). Writes under
 `workdir/export/` (or --export_dir), prints one JSON line with per-artifact
 status, size, diff and latency, and exits 1 when an artifact fails its tolerance.
@@ -29,7 +29,8 @@ flags.DEFINE_string("quantize", "none,float16,dynamic,int8",
                     "Comma-separated TFLite modes: none (float32), float16, dynamic, int8.")
 flags.DEFINE_string("weights", None, "Weights to export (.npz/.pkl/.weights.h5/checkpoint of the "
                     "gated model, or a fine-tuned slim .keras / .weights.h5). Default: "
-                    "workdir/finetune/ fine-tuned weights if present, else config.model.init.")
+                    "workdir/finetune/best.keras (or last.keras) if present, else "
+                    "workdir/search/weights.weights.h5, else config.model.init.")
 flags.DEFINE_string("subnet", None, "Sub-network spec (default workdir/search/subnet.json).")
 flags.DEFINE_string("export_dir", None, "Output directory (default workdir/export).")
 flags.DEFINE_string("representative_data", None, "An .npz with uint8 'x' training images for "

@@ -10,12 +10,19 @@ import os
 
 from ekg_tf.cli import common
 
-# Where the fine-tuning stage leaves its best weights, in order of preference.
-FINETUNED_CANDIDATES = ("best.keras", "best.weights.h5", "final.keras", "final.weights.h5")
+# Where the fine-tuning stage (ekg_tf/finetune/runner.py) leaves its plain Keras
+# models, in order of preference.
+FINETUNED_CANDIDATES = ("best.keras", "last.keras", "best.weights.h5", "last.weights.h5")
+# The search's adapted gated weights (the ranks of subnet.json were computed on them).
+SEARCH_WEIGHTS = os.path.join("search", "weights.weights.h5")
 
 
 def find_weights(workdir: str, flag_value: str | None, init: str) -> tuple[str, bool]:
-    """(path, fine_tuned) of the weights to export."""
+    """(path, fine_tuned) of the weights to export.
+
+    Order: --weights; workdir/finetune/{best,last}.keras (fine-tuned); the search's
+    adapted weights workdir/search/weights.weights.h5; config.model.init.
+    """
     if flag_value:
         if not os.path.exists(flag_value) and not os.path.exists(flag_value + ".index"):
             raise FileNotFoundError(f"--weights {flag_value!r} does not exist")
@@ -25,10 +32,13 @@ def find_weights(workdir: str, flag_value: str | None, init: str) -> tuple[str, 
         path = os.path.join(workdir, "finetune", name)
         if os.path.exists(path):
             return path, True
+    search_weights = os.path.join(workdir, SEARCH_WEIGHTS)
+    if os.path.exists(search_weights):
+        return search_weights, False
     if not init:
         raise common.UserError(f"no weights: nothing fine-tuned in {workdir}/finetune/ "
-                               f"({', '.join(FINETUNED_CANDIDATES)}), no --weights and no "
-                               "config.model.init")
+                               f"({', '.join(FINETUNED_CANDIDATES)}), no {SEARCH_WEIGHTS}, "
+                               "no --weights and no config.model.init")
     return init, False
 
 

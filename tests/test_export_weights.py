@@ -61,10 +61,17 @@ def test_find_weights(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         find_weights(str(tmp_path), str(tmp_path / "nope.npz"), "")
     assert find_weights(str(tmp_path), None, "init.npz") == ("init.npz", False)
-    os.makedirs(tmp_path / "finetune")
-    (tmp_path / "finetune" / "final.keras").write_text("x")
-    (tmp_path / "finetune" / "best.weights.h5").write_text("x")
+    os.makedirs(tmp_path / "search")
+    (tmp_path / "search" / "weights.weights.h5").write_text("x")
     assert find_weights(str(tmp_path), None, "init.npz") == (
-        str(tmp_path / "finetune" / "best.weights.h5"), True)
+        str(tmp_path / "search" / "weights.weights.h5"), False)
+    os.makedirs(tmp_path / "finetune")
+    (tmp_path / "finetune" / "best.weights.h5").write_text("x")
+    (tmp_path / "finetune" / "last.keras").write_text("x")
+    assert find_weights(str(tmp_path), None, "init.npz") == (
+        str(tmp_path / "finetune" / "last.keras"), True)
+    (tmp_path / "finetune" / "best.keras").write_text("x")
+    assert find_weights(str(tmp_path), None, "init.npz") == (
+        str(tmp_path / "finetune" / "best.keras"), True)
     with pytest.raises(Exception, match="no weights"):
         find_weights(str(tmp_path / "other"), None, "")
