@@ -37,6 +37,7 @@ def make_config(args, mode):
     config.data.test_path = os.path.join(SHARED, "data", "cifar10",
                                          "cifar10_test1000_lossless.npz")
     config.strategy = "one_device"
+    config.seed = args.seed  # the training subset, shuffling and augmentation
     config.finetune.mode = mode
     config.finetune.train_subset = args.train_images
     config.finetune.epochs = args.epochs
@@ -113,6 +114,7 @@ def main():
     ap.add_argument("--out", default="/tmp/ekg_finetune_short")
     ap.add_argument("--train_images", type=int, default=10_000)
     ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--modes", default="ekg,plain")
     ap.add_argument("--bench_steps", type=int, default=5)
     ap.add_argument("--rounds", type=int, default=3)
@@ -144,7 +146,7 @@ def main():
                   f"{s['images_per_second']:>10.1f}")
         print(f"plain/ekg images per second: {steps['ratio_plain_over_ekg_per_image']:.2f}x "
               "(CPU shared with other jobs: noisy)")
-    summary = {"train_images": args.train_images, "epochs": args.epochs,
+    summary = {"train_images": args.train_images, "epochs": args.epochs, "seed": args.seed,
                "test": "cifar10_test1000_lossless",
                "runs": {m: {k: r[k] for k in ("top1", "top1_before", "top5", "seconds",
                                               "wall_seconds", "images_per_second", "steps",

@@ -82,7 +82,12 @@ def main(out_dir):
     batches = ((order[s:s + 40].astype(np.float32), order[s:s + 40], order[s:s + 40])
                for s in range(0, n, 40))
     bank_dir = os.path.join(out_dir, "bank")
-    build_memory_bank(IndexEncoder(), teachers, batches, n, bank_dir, shard_size=32)
+    # The stand-in is not a ResNet: ask the writer for its mask-per-teacher path when it
+    # also has a sliced (real-width ResNet) one.
+    import inspect
+    masked = ({"sliced": False} if "sliced" in inspect.signature(build_memory_bank).parameters
+              else {})
+    build_memory_bank(IndexEncoder(), teachers, batches, n, bank_dir, shard_size=32, **masked)
     bank = MemoryBank.open(bank_dir)
 
     config = get_config()
