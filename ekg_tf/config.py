@@ -71,6 +71,7 @@ def search_config():
         adapt_batch_size=256,
         adapt_weight_decay=5e-4,
         cache_prefix=True,      # cache the unchanged prefix of the network per candidate
+        sliced=True,            # evaluate sub-networks at their real width (one replica)
         num_teachers=5,
         build_memory_bank=True,
         memory_bank_topk=0,     # 0: full logits; k>0: top-k logits per teacher (ImageNet)

@@ -11,6 +11,7 @@ import tensorflow as tf
 from ekg_tf.models import build_model
 from ekg_tf.search.evaluator import SubnetEvaluator, recalibrate_batch_norm
 from ekg_tf.search.objective import objective_sum_tf
+from ekg_tf.search.sliced import SlicedSubnetEvaluator
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +65,28 @@ def test_logits_and_scores_match_model_and_probes(setup):
     np.testing.assert_allclose(cached, _model_logits(model, x), atol=1e-5)
     group.rate = 0.7
     assert ev.trace_count == traces  # nothing traced after warm-up
+
+
+def test_sliced_evaluator_equals_masked(setup):
+    """The slim network (kept channels only) computes what the masked network computes."""
+    model, ev, x, y, k = setup
+    sliced = SlicedSubnetEvaluator(model, x, y, 64)
+    sliced.warm_up(k)
+    traces = sliced.trace_count
+    s_masked, l_masked = ev.score(k)
+    s_sliced, l_sliced = sliced.score(k)
+    np.testing.assert_allclose(l_sliced, l_masked, atol=1e-5)
+    for name in s_masked:
+        np.testing.assert_allclose(s_sliced[name], s_masked[name], rtol=0,
+                                   atol=1e-2 * s_masked[name].max() + 1e-9)
+    ev.refresh()
+    sliced.refresh()
+    for name in ("block0_1/gate1", "stream1", "stream2"):   # inner and stream groups
+        group = model.gate_group(name)
+        group.rate = 0.3
+        np.testing.assert_allclose(sliced.evaluate(name), ev.evaluate(name), atol=1e-5)
+        group.rate = 0.7
+    assert sliced.trace_count == traces   # widths changed, nothing retraced
 
 
 def test_bn_recalibration_population_moments(setup):

@@ -8,7 +8,9 @@ Speed (the reference re-runs the whole network per candidate, batch by batch):
 - one `tf.function` per starting segment, each traced once (masks are
   variables, shapes never change): a candidate is one call for the whole
   validation set; `trace_counts` counts traces (a Python counter in the traced
-  bodies) so benchmarks/tests can check there is no retracing after warm-up.
+  bodies) so benchmarks/tests can check there is no retracing after warm-up;
+- `ekg_tf.search.sliced.SlicedSubnetEvaluator` (the CLI's default) runs the same
+  at the sub-network's real width (dynamic-length kept indices, one trace).
 
 Scoring: the Taylor score of a gate use is `|sum_{b,h,w} dL/dy * y|` with `y`
 the gate's output (the Gate layer passes the gradient through unmasked). The

@@ -107,12 +107,14 @@ def _save_npy(path, array):
 
 def build_memory_bank(model, teachers: list, batches, num_examples: int, out_dir: str,
                       shard_size: int = 10_000, topk: int = 0, temperature: float = 4.0,
-                      progress=None, extra_meta: dict | None = None) -> dict:
+                      progress=None, extra_meta: dict | None = None,
+                      sliced: bool = True) -> dict:
     """Computes and writes the teachers' logits; returns the meta dict.
 
     teachers: history entries (dicts with 'rates', 'ranks', 'loss', 'step'), teacher 0 first.
     batches: iterable of (images, labels, index) in split order (images normalised,
-    no augmentation). The model's masks are changed (callers restore them).
+    no augmentation). `sliced`: run each teacher at its real width (same logits, faster);
+    otherwise the model's masks are set per teacher (callers restore them).
     """
     if not teachers:
         raise ValueError("build_memory_bank needs at least one teacher")
@@ -137,6 +139,10 @@ def build_memory_bank(model, teachers: list, batches, num_examples: int, out_dir
 
     forward = tf.function(lambda x: model(x, training=True, freeze_bn_stats=True),
                           autograph=False)
+    if sliced:  # each teacher at its real width: cost in proportion to its MACs
+        from ekg_tf.search.sliced import kept_indices_of, sliced_logits_fn
+        slim = sliced_logits_fn(model)
+        kept = [kept_indices_of(model, e) for e in teachers]
     t0 = time.time()
     buffers, filled = {}, {}
 
@@ -160,8 +166,11 @@ def build_memory_bank(model, teachers: list, batches, num_examples: int, out_dir
         x = tf.convert_to_tensor(images)
         out = np.empty((len(index), num_classes, t_count), np.float32)
         for t, entry in enumerate(teachers):
-            apply(entry)
-            out[:, :, t] = forward(x).numpy()
+            if sliced:
+                out[:, :, t] = slim(x, kept[t]).numpy()
+            else:
+                apply(entry)
+                out[:, :, t] = forward(x).numpy()
         if index.min() < 0 or index.max() >= num_examples:
             raise ValueError(f"example index {index.max()} outside the split of {num_examples}")
         for shard in np.unique(index // shard_size):

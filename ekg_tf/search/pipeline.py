@@ -23,6 +23,7 @@ from ekg_tf.search.memory_bank import MemoryBank, build_memory_bank, select_teac
 from ekg_tf.search.objective import knowledge_weight
 from ekg_tf.search.plots import save_search_plots
 from ekg_tf.search.search import EKGSearch, SearchSettings
+from ekg_tf.search.sliced import SlicedSubnetEvaluator
 from ekg_tf.search.state import load_state
 from ekg_tf.utils.io import atomic_path, atomic_write_json
 from ekg_tf.utils.progress import ProgressBar
@@ -170,9 +171,10 @@ def run_search(config, workdir: str, log=None, on_step=None) -> dict:
             log(f"adaptation pass: {adapt_info}")
         _save_weights(model, weights_path)
 
-    evaluator = ev.SubnetEvaluator(model, val_x, val_y, int(s.batch_size),
-                                   knowledge_weight=knowledge_weight(settings.objective),
-                                   cache_prefix=bool(s.cache_prefix))
+    evaluator_cls = SlicedSubnetEvaluator if s.get("sliced", True) else ev.SubnetEvaluator
+    evaluator = evaluator_cls(model, val_x, val_y, int(s.batch_size),
+                              knowledge_weight=knowledge_weight(settings.objective),
+                              cache_prefix=bool(s.cache_prefix))
     writer = tf.summary.create_file_writer(os.path.join(search_dir, "tb"))
     search = EKGSearch(model, evaluator, settings, search_dir, fingerprint, log=log,
                        summary_writer=writer,
