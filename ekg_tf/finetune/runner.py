@@ -149,24 +149,6 @@ def plain_batch_norm(model):
             layer.synchronized = s
 
 
-class SkipEmptyBatches:
-    """Inference calls that return no logits for an empty batch.
-
-    Under N replicas the last, partial evaluation batch can leave a replica with 0
-    images, and TF's CPU Conv2D returns a wrongly shaped tensor for an empty batch
-    (its input shape), which breaks the next layer.
-    """
-
-    def __init__(self, model):
-        self.model = model
-        self.num_classes = model.outputs[0].shape[-1]
-
-    def __call__(self, images, training=False, **kwargs):
-        return tf.cond(tf.shape(images)[0] > 0,
-                       lambda: self.model(images, training=training),
-                       lambda: tf.zeros([0, self.num_classes], self.model.outputs[0].dtype))
-
-
 def save_keras(model, path: str):
     with plain_batch_norm(model), atomic_path(path) as tmp:
         model.save(tmp)
@@ -355,7 +337,7 @@ def run_finetune(config, workdir: str, log=None, stop_at_step: int | None = None
 
     eval_fn, n_test = data.input_fn(dcfg, "test", False, int(dcfg.eval_batch_size),
                                     arrays=test_arrays)
-    eval_step = train.make_eval_step(SkipEmptyBatches(model), strategy, "inference")
+    eval_step = train.make_eval_step(model, strategy, "inference")
 
     def evaluate():
         return train.evaluate(model, strategy, eval_fn, eval_step=eval_step)
@@ -444,7 +426,7 @@ def run_finetune(config, workdir: str, log=None, stop_at_step: int | None = None
            "views": views, "epochs": round(result.epochs_done, 3), "steps": result.steps,
            "total_steps": total_steps, "train_images": n_train, "test_images": n_test,
            "seconds": round(result.seconds, 2),
-           "images_per_second": round(result.images_per_second / views, 1),
+           "images_per_second": round(result.images_per_second, 1),
            "macs": complexity.macs, "params": complexity.params,
            "macs_ratio": complexity.macs / full.macs, "params_ratio": complexity.params / full.params,
            "replicas": strategy.num_replicas_in_sync, "weights_source": weights_source,

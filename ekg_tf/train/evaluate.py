@@ -18,6 +18,15 @@ def make_eval_step(model, strategy, bn_mode: str = "inference"):
 
     def replica_step(batch):
         images, labels = batch[0], tf.cast(batch[1], tf.int32)
+        if not training:
+            # The last partial batch can leave a replica with no images (and TF's CPU
+            # conv mishandles an empty batch); batch-statistics mode cannot skip, since
+            # synchronised BN needs every replica in its all-reduce.
+            return tf.cond(tf.shape(images)[0] > 0, lambda: metrics(images, labels),
+                           lambda: tf.zeros([4]))
+        return metrics(images, labels)
+
+    def metrics(images, labels):
         if training:
             logits = model(images, training=True, freeze_bn_stats=True)
         else:

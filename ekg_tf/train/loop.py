@@ -21,6 +21,7 @@ from typing import Callable
 
 import numpy as np
 import tensorflow as tf
+from absl import logging
 
 from ekg_tf.utils.io import atomic_write_json
 from ekg_tf.utils.progress import ProgressBar
@@ -51,6 +52,14 @@ class Trainer:
         self.loss_fn = loss_fn
         self.grad_scale = float(grad_scale)
         self.variables = model.trainable_variables
+        if jit_compile and strategy.num_replicas_in_sync > 1 and _has_synchronized_bn(model):
+            # XLA cannot compile the cross-replica all-reduce of synchronised BN inside the
+            # per-replica function ("merge_call called while defining a new graph").
+            logging.warning("train.jit_compile is off: synchronised BN across %d replicas "
+                            "cannot be XLA-compiled (set model.sync_bn=False to use XLA)",
+                            strategy.num_replicas_in_sync)
+            jit_compile = False
+        self.jit_compile = jit_compile
         with strategy.scope():
             optimizer.build(self.variables)
 
@@ -70,16 +79,22 @@ class Trainer:
         decay = self.weight_decay / replicas
         grads = [g * self.grad_scale + decay * v for g, v in zip(grads, self.variables)]
         self.optimizer.apply_gradients(zip(grads, self.variables))
+        count = tf.cast(tf.shape(labels)[0], tf.float32)  # images, not views
+        views = 1
         if len(logits.shape) == 3:  # [batch, views, classes]
-            labels = tf.repeat(labels, logits.shape[1])
+            views = logits.shape[1]
+            labels = tf.repeat(labels, views)
             logits = tf.reshape(logits, [-1, logits.shape[-1]])
-        correct = tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32))
-        count = tf.cast(tf.shape(labels)[0], tf.float32)
+        correct = tf.reduce_sum(tf.cast(tf.math.in_top_k(labels, logits, 1), tf.float32)) / views
         return tf.stack([loss, correct, count])
 
     def _distributed_step(self, dist_batch):
         per_replica = self.strategy.run(self._replica_step, args=(dist_batch,))
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+
+def _has_synchronized_bn(model) -> bool:
+    return any(getattr(layer, "synchronized", False) for layer in model._flatten_layers())
 
 
 @dataclasses.dataclass
