@@ -1,18 +1,6 @@
 """ResNet-110 on CIFAR-10 with the reference's settings."""
-from ekg_tf.config import base_config
+from ekg_tf.config import reference_cifar_config
 
 
 def get_config():
-    config = base_config()
-    config.model.arch = "resnet110"
-    config.data.source = "npz"
-    config.data.name = "cifar10"
-    config.data.batch_size = 128
-    config.train.epochs = 200
-    config.train.learning_rate = 0.1
-    config.train.decay_boundaries = (0.5, 0.75)
-    config.train.decay_factor = 0.1
-    config.search.target_ratio = 0.45
-    config.finetune.epochs = 100
-    config.finetune.learning_rate = 1e-2
-    return config
+    return reference_cifar_config("resnet110", "cifar10")

@@ -7,11 +7,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(ROOT), "shared")
-WEIGHTS = os.path.join(SHARED, "reference", "res56_cifar10.npz")
-TRAIN = os.path.join(SHARED, "data", "cifar10", "cifar10_train.npz")
-TEST = os.path.join(SHARED, "data", "cifar10", "cifar10_test1000_lossless.npz")
+from conftest import CIFAR_TEST1000 as TEST
+from conftest import CIFAR_TRAIN as TRAIN
+from conftest import REFERENCE_NPZ as WEIGHTS
+from conftest import SHARED
 
 pytestmark = pytest.mark.skipif(
     not all(os.path.exists(p) for p in (WEIGHTS, TRAIN, TEST)),
