@@ -69,6 +69,11 @@ class SubnetSpec:
             g.rank = state.rank
             g.rate = state.rate
 
+    def full_width(self) -> "SubnetSpec":
+        """The same network with every channel kept (the unpruned reference)."""
+        return dataclasses.replace(self, groups={
+            name: dataclasses.replace(g, rate=1.0) for name, g in self.groups.items()})
+
     def to_dict(self) -> dict:
         return {"arch": self.arch, "num_classes": self.num_classes,
                 "input_shape": list(self.input_shape),

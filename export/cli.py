@@ -47,13 +47,14 @@ def main(argv):
     from ekg_tf.flops import ComplexityCounter, complexity_graph
     from ekg_tf.slim import recalibrate_batch_norm, slim_model
     from ekg_tf.subnet import SubnetSpec
-    from export import exporter, saved_model as sm, tflite
+    from export import exporter, int8_calibration, saved_model as sm, tflite
 
     ecfg = config.export
     # Validate every cheap input before any heavy work.
     formats = exporter.check_formats(FLAGS.formats.split(","))
     modes = tflite.check_modes(FLAGS.quantize.split(",")) if "tflite" in formats else []
     sm.check_contract(ecfg.input_contract)
+    int8_calibration.check_calibration(ecfg.int8_calibration)
     subnet_path = FLAGS.subnet or os.path.join(workdir, "search", "subnet.json")
     if not os.path.exists(subnet_path):
         raise FileNotFoundError(f"no search result at {subnet_path}: run ekg-search first "
@@ -92,13 +93,13 @@ def main(argv):
         representative = normalize(rep, norm_name).numpy()
     test = load_arrays(config.data, "test")
     n_verify = min(int(ecfg.verify_images), len(test))
+    # The unpruned network only serves the latency comparison, so a fine-tuned slim
+    # model (no gated weights) is timed against the architecture at full width.
+    base = gated if gated is not None else common.build_model_from_config(config, load_init=False)
     dense = None
-    if ecfg.dense_latency and gated is not None:
-        spec_dense = SubnetSpec.from_dict({**spec.to_dict(), "groups": {
-            n: {**g, "rate": 1.0} for n, g in spec.to_dict()["groups"].items()}})
-        dense = slim_model(gated, spec_dense, name=f"{gated.arch.name}_dense")
-    graph = ComplexityCounter(complexity_graph(common.build_model_from_config(
-        config, load_init=False)))
+    if ecfg.dense_latency:
+        dense = slim_model(base, spec.full_width(), name=f"{base.arch.name}_dense")
+    graph = ComplexityCounter(complexity_graph(base))
     full, pruned = graph.full, graph.count(spec.rates)
     req = exporter.ExportRequest(
         slim=slim, export_dir=export_dir, mean=tuple(mean.tolist()), std=tuple(std.tolist()),
@@ -106,7 +107,8 @@ def main(argv):
         quant_modes=tuple(modes), representative=representative, model_name=ecfg.model_name,
         version=int(ecfg.version), contract=ecfg.input_contract,
         fold_batch_norm=bool(ecfg.fold_batch_norm), opset=int(ecfg.opset),
-        int8_io=bool(ecfg.int8_io), latency_runs=int(ecfg.latency_runs),
+        int8_io=bool(ecfg.int8_io), int8_calibration=str(ecfg.int8_calibration),
+        latency_runs=int(ecfg.latency_runs),
         threads=int(ecfg.threads), dense=dense,
         info={"arch": spec.arch, "subnet": os.path.abspath(subnet_path),
               "weights": os.path.abspath(weights), "fine_tuned": fine_tuned,
