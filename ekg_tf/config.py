@@ -114,6 +114,7 @@ def export_config():
         representative_images=256,  # training images calibrating full-int8 TFLite
         representative_path="",  # "": the training split; else an .npz with uint8 'x'
         int8_io=False,          # full-int8 TFLite with int8 input/output tensors
+        int8_calibration="mse",  # activation ranges: mse (least round-trip error) | minmax
         verify_images=1000,     # test-split images for diffs/accuracy (first N)
         latency_runs=20,        # timed runs per measurement (median reported)
         threads=2,              # TFLite / onnxruntime threads

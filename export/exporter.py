@@ -25,7 +25,8 @@ import keras
 
 from ekg_tf.slim import fold_batch_norm
 from ekg_tf.utils.io import atomic_path, atomic_write_text
-from export import onnx_export, report as report_lib, saved_model as sm, tflite, verify
+from export import (int8_calibration, onnx_export, report as report_lib, saved_model as sm,
+                    tflite, verify)
 
 FORMATS = ("saved_model", "tflite", "onnx")
 
@@ -58,6 +59,7 @@ class ExportRequest:
     fold_batch_norm: bool = True
     opset: int = 17
     int8_io: bool = False
+    int8_calibration: str = "mse"    # activation ranges of full-int8 TFLite: mse | minmax
     latency_runs: int = 20
     threads: int = 2
     dense: keras.Model | None = None  # the unpruned slim model, for latency comparison
@@ -129,6 +131,7 @@ def export_all(req: ExportRequest, progress=print) -> dict:
         raise ValueError(f"format tflite needs at least one quantization mode of "
                          f"{tflite.QUANT_MODES}")
     sm.check_contract(req.contract)
+    int8_calibration.check_calibration(req.int8_calibration)
     if "tflite" in formats and "int8" in modes and (
             req.representative is None or len(req.representative) == 0):
         raise ValueError("--quantize=int8 needs a representative dataset of training images")
@@ -217,7 +220,8 @@ def export_all(req: ExportRequest, progress=print) -> dict:
             edge = _edge_saved_model(deploy, os.path.join(build, "edge"))
             for mode in modes:
                 t0 = time.time()
-                blob = tflite.convert(edge, mode, req.representative, int8_io=req.int8_io)
+                blob = tflite.convert(edge, mode, req.representative, int8_io=req.int8_io,
+                                      calibration=req.int8_calibration)
                 path = os.path.join(art_dir, f"model_{'float32' if mode == 'none' else mode}.tflite")
                 with atomic_path(path) as tmp:
                     with open(tmp, "wb") as f:
@@ -225,7 +229,9 @@ def export_all(req: ExportRequest, progress=print) -> dict:
                 runner = tflite.TFLiteRunner(path, num_threads=req.threads)
                 add(tflite.artifact_name(mode), "tflite", path, runner.predict(x_verify),
                     lat(runner), {"convert_seconds": time.time() - t0,
-                                  "int8_io": bool(req.int8_io and mode == "int8")})
+                                  "int8_io": bool(req.int8_io and mode == "int8"),
+                                  **({"calibration": req.int8_calibration}
+                                     if mode == "int8" else {})})
         finally:
             shutil.rmtree(build, ignore_errors=True)
 

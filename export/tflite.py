@@ -4,12 +4,16 @@ Modes (`--quantize`): `none` (float32), `float16` (float16 weights), `dynamic`
 (dynamic-range: int8 weights, float activations), `int8` (full integer: int8
 weights and activations calibrated on a representative dataset drawn from the
 *training* data; with `int8_io` the model's input/output tensors are int8 too).
+Full-int8 activation ranges are MSE-optimal by default (`export/int8_calibration.py`);
+`calibration="minmax"` keeps the converter's observed [min, max].
 Edge models take normalised float32 images `images` and return `logits`.
 """
 from __future__ import annotations
 
 import numpy as np
 import tensorflow as tf
+
+from export import int8_calibration
 
 QUANT_MODES = ("none", "float16", "dynamic", "int8")
 
@@ -27,9 +31,10 @@ def check_modes(modes) -> list[str]:
 
 
 def convert(saved_model_dir: str, mode: str, representative_images=None,
-            int8_io: bool = False) -> bytes:
+            int8_io: bool = False, calibration: str = "mse") -> bytes:
     """Converts the `serving_default` signature of a SavedModel to a TFLite flatbuffer."""
     check_modes([mode])
+    int8_calibration.check_calibration(calibration)
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir,
                                                          signature_keys=["serving_default"])
     if mode == "float16":
@@ -52,6 +57,8 @@ def convert(saved_model_dir: str, mode: str, representative_images=None,
         if int8_io:
             converter.inference_input_type = tf.int8
             converter.inference_output_type = tf.int8
+        if calibration == "mse":
+            return int8_calibration.convert_int8_mse(converter, images, int8_io)
     return converter.convert()
 
 
