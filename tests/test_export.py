@@ -3,14 +3,13 @@ quantized TFLite agreement, TF Serving signature/warmup, version policy.
 
 Tolerances: float artifacts max |logits - slim Keras| <= 1e-4 * max |slim Keras logits|
 (measured ~1e-7 on ResNet-20, ~2e-6 on ResNet-56) and top-1 agreement >= 99.9%;
-dynamic-range / int8 TFLite: top-1 agreement with Keras >= 98%.
+dynamic-range / int8 TFLite: top-1 agreement with Keras >= 98% (the report's verdict).
 
-The ResNet-56 sub-network is NOT a search result (the search writes
-workdir/search/subnet.json, not available here): it is the deterministic
-`export.subnets.l1_uniform_subnet(model, 0.45)` (L1-norm filter ranks; residual
-streams kept, one uniform rate for the block-internal groups lowered until
-ComplexityCounter.macs_ratio <= 0.45). Its BN statistics are re-estimated on
-2,048 training images before export; verification uses the 1,000 lossless test images.
+The ResNet-56 sub-network is a real EKG search result: the published weights searched
+to 0.45 MACs on real CIFAR-10 (conftest's `searched_resnet56`, a reduced-cost search),
+exported the way `ekg-export` does it for search output that is not fine-tuned: BN
+statistics re-estimated on 2,048 training images, verification on the 1,000 lossless
+test images.
 """
 import os
 import subprocess
@@ -33,7 +32,7 @@ from ekg_tf.subnet import SubnetSpec  # noqa: E402
 from export import saved_model as sm, tflite  # noqa: E402
 from export.exporter import ExportRequest, export_all, resolve_version  # noqa: E402
 from export.onnx_export import OnnxRunner  # noqa: E402
-from export.subnets import l1_uniform_subnet  # noqa: E402
+from export.weights_io import load_slim  # noqa: E402
 
 CIFAR = dict(mean=(113.9, 123.0, 125.3), std=(66.7, 62.1, 63.0))
 FLOAT_REL_TOL = 1e-4
@@ -181,20 +180,24 @@ def test_bad_export_arguments(r20, tmp_path):
         export_all(ExportRequest(formats=("tflite",), quant_modes=("int8",), **common))
     with pytest.raises(ValueError, match="input_contract"):
         export_all(ExportRequest(contract="jpeg", **common))
+    with pytest.raises(ValueError, match="unknown int8 calibration"):
+        export_all(ExportRequest(formats=("tflite",), quant_modes=("int8",),
+                                 representative=r20["x"][:4], int8_calibration="kl", **common))
     assert not os.listdir(tmp_path)  # nothing written on bad input
 
 
-# --------------------------------------------------- ResNet-56 published, pruned to <= 0.45 MACs
+# ------------------------------------- ResNet-56 published, searched to <= 0.45 MACs
 
 @pytest.fixture(scope="module")
-def r56(tmp_path_factory):
-    if not all(os.path.exists(p) for p in (RES56, TRAIN, TEST1000)):
-        pytest.skip(f"shared reference weights/data not found under {SHARED}")
+def r56(searched_resnet56, tmp_path_factory):
     from ekg_tf.weights import load_weights
-    model = build_model("resnet56", 10)
-    load_weights(model, RES56)
-    dense = slim_model(model)
-    spec = l1_uniform_subnet(model, 0.45)
+    config, workdir, result = searched_resnet56
+    spec = SubnetSpec.from_json(result["subnet"])
+    # What ekg-export does with a search result: the search's weights, slimmed.
+    slim, model = load_slim(config, spec, result["weights"])
+    published = build_model("resnet56", 10)
+    load_weights(published, RES56)
+    dense = slim_model(published)
     with np.load(TEST1000) as f:
         x_raw, y = f["x"], f["y"].astype(np.int64)
     with np.load(TRAIN) as f:
@@ -202,7 +205,6 @@ def r56(tmp_path_factory):
         x_train = normalize(f["x"][idx], "cifar10").numpy()
     x = normalize(x_raw, "cifar10").numpy()
     gated_logits = model(x[:200]).numpy()
-    slim = slim_model(model, spec)
     slim_logits_stale = slim(x[:200]).numpy()
     recalibrate_batch_norm(slim, x_train)  # training images only (spec section 9)
     export_dir = str(tmp_path_factory.mktemp("r56_export"))
@@ -211,13 +213,15 @@ def r56(tmp_path_factory):
         formats=("saved_model", "tflite", "onnx"), quant_modes=("none", "dynamic", "int8"),
         representative=x_train[:256], contract="images", latency_runs=2),
         progress=lambda m: None)
-    return dict(model=model, dense=dense, spec=spec, x=x, y=y, x_train=x_train, report=report,
-                gated_logits=gated_logits, slim_logits_stale=slim_logits_stale)
+    return dict(model=model, slim=slim, dense=dense, spec=spec, x=x, y=y, x_train=x_train,
+                report=report, search=result, gated_logits=gated_logits, slim_logits_stale=slim_logits_stale)
 
 
 def test_r56_pruned_float_chain(r56):
     counter = ComplexityCounter(complexity_graph(r56["model"]))
-    assert counter.macs_ratio(r56["spec"].rates) <= 0.45
+    assert r56["search"]["status"] == "done"
+    assert counter.macs_ratio(r56["spec"].rates) == pytest.approx(r56["search"]["macs_ratio"])
+    assert 0.43 < r56["search"]["macs_ratio"] <= 0.45
     assert rel_diff(r56["gated_logits"], r56["slim_logits_stale"]) <= FLOAT_REL_TOL
     arts = by_name(r56["report"])
     for name in ("keras_folded", "saved_model", "tflite_float32", "onnx"):
@@ -226,25 +230,36 @@ def test_r56_pruned_float_chain(r56):
         assert arts[name]["top1_agreement"] >= 0.999, arts[name]
         assert arts[name]["images"] == 1000
     assert arts["onnx"]["opset"] == 17
-    # Re-estimated BN: a working network (not chance) on the lossless test images.
-    assert arts["keras"]["top1_accuracy"] > 0.5
+    # Searched, not fine-tuned, BN re-estimated: measured 82-84% on the lossless test
+    # images (the full-cost search gives 87-90%, the published dense network 93.4%).
+    assert arts["keras"]["top1_accuracy"] > 0.75, arts["keras"]
 
 
-def test_r56_quantized_tflite(r56):
+def test_r56_quantized_tflite(r56, tmp_path):
     arts = by_name(r56["report"])
     assert arts["tflite_dynamic"]["top1_agreement"] >= 0.98, arts["tflite_dynamic"]
     assert arts["tflite_dynamic"]["size_bytes"] < 0.4 * arts["tflite_float32"]["size_bytes"]
     int8 = arts["tflite_int8"]
+    assert int8["calibration"] == "mse"
     assert int8["size_bytes"] < 0.4 * arts["tflite_float32"]["size_bytes"]
     # The report's verdict follows the 98% tolerance, and a failure fails the export.
     assert (int8["status"] == "ok") == (int8["top1_agreement"] >= 0.98)
     if int8["status"] != "ok":
         assert r56["report"]["status"] == "failed"
-    # Measured 0.948 for this non-fine-tuned sub-network (68% accuracy): its logits
-    # spread less (std 2.4 vs 3.8 dense), 5.6% of the images have a top-2 margin < 0.3,
-    # and int8's logit error (RMS 0.26, dense 0.19) flips them; Gaussian noise of the
-    # same RMS flips 3.2%. Guard against regressions of the quantization path itself.
-    assert int8["top1_agreement"] >= 0.92, int8
+    # MSE-optimal activation ranges against the converter's plain [min, max] on the same
+    # calibration images: measured 0.974-0.982 vs 0.959-0.963 on this reduced-search
+    # network (83% top-1), 0.991-0.994 vs 0.977-0.982 on the full-cost search with and
+    # without fine-tuning (89.5%). Both keep the float accuracy (+-0.5%).
+    from export.exporter import _edge_saved_model
+    edge = _edge_saved_model(fold_batch_norm(r56["slim"]), str(tmp_path / "edge"))
+    path = str(tmp_path / "minmax_int8.tflite")
+    with open(path, "wb") as f:
+        f.write(tflite.convert(edge, "int8", r56["x_train"][:256], calibration="minmax"))
+    ref = r56["slim"].predict(r56["x"], batch_size=250, verbose=0).argmax(1)
+    minmax = float(np.mean(tflite.TFLiteRunner(path).predict(r56["x"]).argmax(1) == ref))
+    assert int8["top1_agreement"] >= minmax + 0.005, (int8["top1_agreement"], minmax)
+    assert int8["top1_agreement"] >= 0.97, int8
+    assert abs(int8["top1_accuracy"] - arts["keras"]["top1_accuracy"]) <= 0.01, int8
 
 
 def test_r56_dense_int8_agreement(r56, tmp_path):
