@@ -1,0 +1,102 @@
+"""Full-int8 TFLite: top-1 agreement with Keras for `minmax` vs `mse` activation ranges.
+
+    python benchmarks/int8_calibration.py --workdir=runs/r56_ekg [--weights=...] \
+        [--seeds=0,1,2] [--images=256]
+
+Takes the sub-network and weights the way `ekg-export` does (workdir/search/subnet.json;
+fine-tuned workdir/finetune/best.keras, else the search's weights with BN statistics
+re-estimated on training images), converts full-int8 TFLite with each calibration on
+several random samples of training images, and runs every model with LiteRT on the
+1,000 lossless CIFAR-10 test images. Prints a table and a JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+SHARED = os.path.join(os.path.dirname(REPO), "shared")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--workdir", required=True, help="an ekg-search (and ekg-finetune) workdir")
+    p.add_argument("--weights", default=None, help="default: as ekg-export chooses")
+    p.add_argument("--arch", default="resnet56")
+    p.add_argument("--train", default=os.path.join(SHARED, "data", "cifar10", "cifar10_train.npz"))
+    p.add_argument("--test", default=os.path.join(SHARED, "data", "cifar10",
+                                                   "cifar10_test1000_lossless.npz"))
+    p.add_argument("--seeds", default="0,1,2", help="calibration samples")
+    p.add_argument("--images", type=int, default=256, help="calibration images per sample")
+    p.add_argument("--recalibration_images", type=int, default=4096)
+    args = p.parse_args()
+    subnet = os.path.join(args.workdir, "search", "subnet.json")
+    for path in (subnet, args.train, args.test):
+        if not os.path.exists(path):
+            sys.exit(f"error: {path} does not exist")
+
+    import numpy as np
+    from ekg_tf.config import reference_cifar_config
+    from ekg_tf.data import normalize
+    from ekg_tf.slim import fold_batch_norm, recalibrate_batch_norm
+    from ekg_tf.subnet import SubnetSpec
+    from export import tflite
+    from export.exporter import _edge_saved_model
+    from export.weights_io import find_weights, load_slim, sample_indices
+
+    config = reference_cifar_config(args.arch, "cifar10")
+    weights, fine_tuned = find_weights(args.workdir, args.weights, "")
+    slim, gated = load_slim(config, SubnetSpec.from_json(subnet), weights)
+    with np.load(args.train) as f:
+        x_train = f["x"]
+    with np.load(args.test) as f:
+        x_test, y_test = normalize(f["x"], "cifar10").numpy(), f["y"]
+    if not fine_tuned and gated is not None:
+        idx = sample_indices(len(x_train), args.recalibration_images, 0)
+        recalibrate_batch_norm(slim, normalize(x_train[idx], "cifar10").numpy())
+    ref = slim.predict(x_test, batch_size=250, verbose=0)
+    float_top1 = float(np.mean(ref.argmax(1) == y_test))
+
+    tmp = tempfile.mkdtemp(prefix="ekg-int8-")
+    rows = []
+    try:
+        edge = _edge_saved_model(fold_batch_norm(slim), os.path.join(tmp, "edge"))
+        for seed in [int(s) for s in args.seeds.split(",")]:
+            rep = normalize(x_train[sample_indices(len(x_train), args.images, seed)],
+                            "cifar10").numpy()
+            for calibration in ("minmax", "mse"):
+                t0 = time.time()
+                blob = tflite.convert(edge, "int8", rep, calibration=calibration)
+                seconds = time.time() - t0
+                path = os.path.join(tmp, f"{calibration}_{seed}.tflite")
+                with open(path, "wb") as f:
+                    f.write(blob)
+                out = tflite.TFLiteRunner(path).predict(x_test)
+                rows.append({"seed": seed, "calibration": calibration,
+                             "top1_agreement": float(np.mean(out.argmax(1) == ref.argmax(1))),
+                             "top1": float(np.mean(out.argmax(1) == y_test)),
+                             "logit_rms_error": float(np.sqrt(np.mean((out - ref) ** 2))),
+                             "convert_seconds": seconds})
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    print(f"weights: {weights} (fine-tuned: {fine_tuned}); float top-1 {float_top1:.3f} "
+          f"on {len(y_test)} test images; {args.images} calibration images per sample")
+    print("| seed | calibration | top-1 agreement | int8 top-1 | logit RMS error | convert s |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['seed']} | {r['calibration']} | {r['top1_agreement']:.3f} | {r['top1']:.3f} "
+              f"| {r['logit_rms_error']:.3f} | {r['convert_seconds']:.1f} |")
+    print(json.dumps({"weights": weights, "fine_tuned": fine_tuned, "float_top1": float_top1,
+                      "rows": rows}))
+
+
+if __name__ == "__main__":
+    main()
