@@ -54,6 +54,36 @@ def get_arch(name: str) -> ResNetArch:
         raise ValueError(f"unknown architecture {name!r}; choose one of {sorted(ARCHS)}") from None
 
 
+# The dataflow of a gated ResNet, written once. The model's own forward, the search's
+# masked forward (which records gate outputs and BN moments) and its sliced
+# real-width forward differ only in how a conv + BN pair is applied and what a gate
+# does, so they pass those two steps in:
+#   conv_bn(conv, bn, x) -> bn(conv(x));  gate(gate_layer, x) -> x gated (or recorded).
+def stem_forward(model, x, conv_bn, gate):
+    """Stem conv + BN + ReLU (+ max-pool for ImageNet), then the first stream gate."""
+    x = tf.nn.relu(conv_bn(model.stem_conv, model.stem_bn, x))
+    if model.arch.imagenet_stem:
+        x = tf.nn.max_pool2d(x, 3, 2, "SAME")
+    return gate(model.stem_gate, x)
+
+
+def block_forward(block, x, conv_bn, gate):
+    """One residual block: convs with gated inner ReLUs, shortcut, add, ReLU, stream gate."""
+    shortcut = x
+    if block.projection is not None:
+        shortcut = conv_bn(block.projection, block.projection_bn, x)
+    gates = block.gates
+    for i, (conv, bn) in enumerate(zip(block.convs, block.bns)):
+        x = conv_bn(conv, bn, x)
+        if i < len(gates):
+            x = gate(gates[i], tf.nn.relu(x))
+    return gate(block.stream_gate, tf.nn.relu(x + shortcut))
+
+
+def _apply_gate(gate, x):
+    return gate(x)
+
+
 class ResidualBlock(keras.layers.Layer):
     """Basic (two 3x3) or bottleneck (1x1-3x3-1x1) block with gates after inner ReLUs.
 
@@ -114,15 +144,9 @@ class ResidualBlock(keras.layers.Layer):
         return [getattr(self, n) for n in self._gate_names]
 
     def call(self, x, training=False, freeze_bn_stats=False):
-        shortcut = x
-        if self.projection is not None:
-            shortcut = self.projection_bn(self.projection(x), training=training,
-                                          freeze_stats=freeze_bn_stats)
-        for i, (conv, bn) in enumerate(zip(self.convs, self.bns)):
-            x = bn(conv(x), training=training, freeze_stats=freeze_bn_stats)
-            if i < len(self.gates):
-                x = self.gates[i](tf.nn.relu(x))
-        return self.stream_gate(tf.nn.relu(x + shortcut))
+        def conv_bn(conv, bn, z):
+            return bn(conv(z), training=training, freeze_stats=freeze_bn_stats)
+        return block_forward(self, x, conv_bn, _apply_gate)
 
 
 class GatedResNet(keras.Model):
@@ -191,11 +215,9 @@ class GatedResNet(keras.Model):
         return [gate for group in self.gate_groups for gate in group.gates]
 
     def call(self, images, training=False, freeze_bn_stats=False):
-        x = self.stem_bn(self.stem_conv(images), training=training, freeze_stats=freeze_bn_stats)
-        x = tf.nn.relu(x)
-        if self.arch.imagenet_stem:
-            x = tf.nn.max_pool2d(x, 3, 2, "SAME")
-        x = self.stem_gate(x)
+        def conv_bn(conv, bn, z):
+            return bn(conv(z), training=training, freeze_stats=freeze_bn_stats)
+        x = stem_forward(self, images, conv_bn, _apply_gate)
         for block in self.blocks:
             x = block(x, training=training, freeze_bn_stats=freeze_bn_stats)
         return self.fc(tf.reduce_mean(x, axis=[1, 2]))

@@ -26,6 +26,7 @@ import collections
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.models.resnet import block_forward, stem_forward
 from ekg_tf.search.objective import objective_sum_tf
 
 
@@ -41,33 +42,23 @@ def _bn(bn, z, training, moments):
 
 
 def run_segment(model, s: int, x, training=True, record=None, moments=None):
-    """Segment `s` of `model` (0: stem, s>0: block s-1), mirroring `GatedResNet.call`.
+    """Segment `s` of `model` (0: stem, s>0: block s-1), the model's own dataflow.
 
     `record` collects (group name, gate output) per gate use; `moments` collects the
     batch moments of every BN input (BN statistics re-estimation).
     """
-    if s == 0:
-        x = tf.nn.relu(_bn(model.stem_bn, model.stem_conv(x), training, moments))
-        if model.arch.imagenet_stem:
-            x = tf.nn.max_pool2d(x, 3, 2, "SAME")
-        y = model.stem_gate(x)
+    def conv_bn(conv, bn, z):
+        return _bn(bn, conv(z), training, moments)
+
+    def gate(g, z):
+        y = g(z)
         if record is not None:
-            record.append((model.stem_group.name, y))
+            record.append((g.group.name, y))
         return y
-    block = model.blocks[s - 1]
-    shortcut = x
-    if block.projection is not None:
-        shortcut = _bn(block.projection_bn, block.projection(x), training, moments)
-    for i, (conv, bn) in enumerate(zip(block.convs, block.bns)):
-        x = _bn(bn, conv(x), training, moments)
-        if i < len(block.gates):
-            x = block.gates[i](tf.nn.relu(x))
-            if record is not None:
-                record.append((block.gates[i].group.name, x))
-    y = block.stream_gate(tf.nn.relu(x + shortcut))
-    if record is not None:
-        record.append((block.stream_gate.group.name, y))
-    return y
+
+    if s == 0:
+        return stem_forward(model, x, conv_bn, gate)
+    return block_forward(model.blocks[s - 1], x, conv_bn, gate)
 
 
 def run_head(model, x):

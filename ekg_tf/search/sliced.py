@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.models.resnet import block_forward, stem_forward
 from ekg_tf.search.evaluator import SubnetEvaluator
 from ekg_tf.search.objective import objective_sum_tf
 
@@ -39,30 +40,22 @@ def _bn(bn, z, group, idx):
 
 
 def sliced_segment(model, s, x, idx, record=None):
-    """Segment `s` at the kept widths `idx` (group name -> int32 kept channel indices)."""
-    if s == 0:
-        x = tf.nn.relu(_bn(model.stem_bn, _conv(model.stem_conv, x, idx),
-                           model.stem_conv.out_group, idx))
-        if model.arch.imagenet_stem:
-            x = tf.nn.max_pool2d(x, 3, 2, "SAME")
+    """Segment `s` at the kept widths `idx` (group name -> int32 kept channel indices).
+
+    The model's dataflow with every conv/BN sliced to the kept channels; gates are
+    not applied (the dropped channels are not there), their inputs are recorded.
+    """
+    def conv_bn(conv, bn, z):
+        return _bn(bn, _conv(conv, z, idx), conv.out_group, idx)
+
+    def gate(g, z):
         if record is not None:
-            record.append((model.stem_group.name, x))
-        return x
-    block = model.blocks[s - 1]
-    shortcut = x
-    if block.projection is not None:
-        shortcut = _bn(block.projection_bn, _conv(block.projection, x, idx),
-                       block.projection.out_group, idx)
-    for i, (conv, bn) in enumerate(zip(block.convs, block.bns)):
-        x = _bn(bn, _conv(conv, x, idx), conv.out_group, idx)
-        if i < len(block.gates):
-            x = tf.nn.relu(x)
-            if record is not None:
-                record.append((block.gates[i].group.name, x))
-    y = tf.nn.relu(x + shortcut)
-    if record is not None:
-        record.append((block.stream_gate.group.name, y))
-    return y
+            record.append((g.group.name, z))
+        return z
+
+    if s == 0:
+        return stem_forward(model, x, conv_bn, gate)
+    return block_forward(model.blocks[s - 1], x, conv_bn, gate)
 
 
 def sliced_head(model, x, idx):
