@@ -120,6 +120,7 @@ def main(argv):
     common.print_result({
         "status": report["status"], "version": report["version"],
         "export_dir": report["export_dir"], "macs_ratio": report["macs_ratio"],
+        "dense_latency_ms": report.get("dense_latency_ms"),
         "artifacts": {a["name"]: {"status": a["status"], "size_bytes": a["size_bytes"],
                                   "max_abs_diff": a["max_abs_diff"],
                                   "top1_agreement": a["top1_agreement"],

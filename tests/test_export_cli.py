@@ -94,3 +94,27 @@ def test_cli_run(workdir):
     assert "| tflite_float32 | ok |" in (art / "export_report.md").read_text()
     assert (art / "latency.png").exists()
     assert (art / "model_float32.tflite").exists() and (art / "model.keras").exists()
+
+
+def test_cli_fine_tuned_model_is_timed_against_the_dense_network(workdir, tmp_path):
+    """A fine-tuned slim .keras (workdir/finetune/best.keras) is exported as is, and the
+    unpruned architecture is timed beside it (the pruned/dense latency table)."""
+    import shutil
+    from ekg_tf.models import build_model
+    from ekg_tf.slim import slim_model
+    from ekg_tf.subnet import SubnetSpec
+    wd = tmp_path / "fine_tuned"
+    shutil.copytree(workdir / "search", wd / "search")
+    model = build_model("resnet20", 10)
+    model.load_weights(str(workdir / "init.weights.h5"))
+    os.makedirs(wd / "finetune")
+    slim_model(model, SubnetSpec.from_json(str(wd / "search" / "subnet.json"))).save(
+        str(wd / "finetune" / "best.keras"))
+    code, out, err = finish(cli(wd, "--formats=tflite", "--quantize=none",
+                                "--config.export.latency_runs=2"))
+    assert code == 0, err[-3000:]
+    assert "fine-tuned: True" in err and "re-estimated" not in err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert set(result["dense_latency_ms"]) == {"keras", "tflite_float32"}
+    for timings in result["dense_latency_ms"].values():
+        assert set(timings) == {"batch1", "batch32"} and min(timings.values()) > 0
