@@ -80,6 +80,13 @@ def block_forward(block, x, conv_bn, gate):
     return gate(block.stream_gate, tf.nn.relu(x + shortcut))
 
 
+def segment_forward(model, s: int, x, conv_bn, gate):
+    """Segment `s` of the network: 0 is the stem, s > 0 is block s-1."""
+    if s == 0:
+        return stem_forward(model, x, conv_bn, gate)
+    return block_forward(model.blocks[s - 1], x, conv_bn, gate)
+
+
 def _apply_gate(gate, x):
     return gate(x)
 

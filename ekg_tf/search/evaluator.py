@@ -26,7 +26,7 @@ import collections
 import numpy as np
 import tensorflow as tf
 
-from ekg_tf.models.resnet import block_forward, stem_forward
+from ekg_tf.models.resnet import segment_forward
 from ekg_tf.search.objective import objective_sum_tf
 
 
@@ -56,9 +56,7 @@ def run_segment(model, s: int, x, training=True, record=None, moments=None):
             record.append((g.group.name, y))
         return y
 
-    if s == 0:
-        return stem_forward(model, x, conv_bn, gate)
-    return block_forward(model.blocks[s - 1], x, conv_bn, gate)
+    return segment_forward(model, s, x, conv_bn, gate)
 
 
 def run_head(model, x):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from ekg_tf.models.resnet import block_forward, stem_forward
+from ekg_tf.models.resnet import segment_forward
 from ekg_tf.search.evaluator import SubnetEvaluator
 from ekg_tf.search.objective import objective_sum_tf
 
@@ -53,9 +53,7 @@ def sliced_segment(model, s, x, idx, record=None):
             record.append((g.group.name, z))
         return z
 
-    if s == 0:
-        return stem_forward(model, x, conv_bn, gate)
-    return block_forward(model.blocks[s - 1], x, conv_bn, gate)
+    return segment_forward(model, s, x, conv_bn, gate)
 
 
 def sliced_head(model, x, idx):
