@@ -6,7 +6,8 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import pytest  # noqa: E402
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(TESTS_DIR)
 SHARED = os.path.join(os.path.dirname(REPO_ROOT), "shared")
 REFERENCE_NPZ = os.path.join(SHARED, "reference", "res56_cifar10.npz")
 CIFAR_TRAIN = os.path.join(SHARED, "data", "cifar10", "cifar10_train.npz")

@@ -7,11 +7,11 @@ import subprocess
 import sys
 import textwrap
 
-import keras
 import numpy as np
 import tensorflow as tf
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, TESTS_DIR
+from one_training_step import one_training_step
 
 _WORKER = textwrap.dedent("""
     import sys
@@ -20,29 +20,11 @@ _WORKER = textwrap.dedent("""
     from ekg_tf.distribute import make_strategy
     strategy = make_strategy("mirrored")  # TF_CONFIG is set: MultiWorkerMirroredStrategy
     assert isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy), type(strategy)
-    import keras, tensorflow as tf
-    from ekg_tf.config import base_config
-    from ekg_tf.models import build_model
-    from ekg_tf.train import Trainer, make_optimizer
     from ekg_tf.train.loop import is_chief
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
-    y = rng.integers(0, 10, 16)
-    keras.utils.set_random_seed(1)
-    with strategy.scope():
-        model = build_model("resnet20", 10)
-        opt = make_optimizer(base_config().train, 100)
-    for b in model.blocks:
-        b.bns[-1].gamma.assign(tf.ones_like(b.bns[-1].gamma))
-    trainer = Trainer(model, opt, strategy, 16, weight_decay=5e-4)
-    ds = strategy.distribute_datasets_from_function(
-        lambda c: tf.data.Dataset.from_tensor_slices((x, y))
-        .shard(c.num_input_pipelines, c.input_pipeline_id)
-        .batch(c.get_per_replica_batch_size(16)))
-    for batch in ds:
-        trainer.train_step(batch)
+    from one_training_step import one_training_step
+    _, weights = one_training_step(strategy)
     if is_chief(strategy):
-        np.savez(sys.argv[1], *[v.numpy() for v in model.weights])
+        np.savez(sys.argv[1], *weights)
 """)
 
 
@@ -62,7 +44,8 @@ def test_two_workers_equal_one_device(tmp_path):
     out = tmp_path / "weights.npz"
     procs = []
     for index in range(2):
-        env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2",
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, TESTS_DIR]),
+                   TF_CPP_MIN_LOG_LEVEL="2",
                    TF_CONFIG=json.dumps({"cluster": cluster,
                                          "task": {"type": "worker", "index": index}}))
         procs.append(subprocess.Popen([sys.executable, "-c", _WORKER, str(out)], cwd=REPO_ROOT,
@@ -72,27 +55,10 @@ def test_two_workers_equal_one_device(tmp_path):
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
 
-    from ekg_tf.config import base_config
-    from ekg_tf.models import build_model
-    from ekg_tf.train import Trainer, make_optimizer
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
-    y = rng.integers(0, 10, 16)
-    strategy = tf.distribute.OneDeviceStrategy("/cpu:0")
-    keras.utils.set_random_seed(1)
-    with strategy.scope():
-        model = build_model("resnet20", 10)
-        opt = make_optimizer(base_config().train, 100)
-    for b in model.blocks:
-        b.bns[-1].gamma.assign(tf.ones_like(b.bns[-1].gamma))
-    before = [v.numpy().copy() for v in model.weights]
-    trainer = Trainer(model, opt, strategy, 16, weight_decay=5e-4)
-    for batch in strategy.experimental_distribute_dataset(
-            tf.data.Dataset.from_tensor_slices((x, y)).batch(16)):
-        trainer.train_step(batch)
+    before, weights = one_training_step(tf.distribute.OneDeviceStrategy("/cpu:0"))
     with np.load(out) as f:
         workers = [f[f"arr_{i}"] for i in range(len(f.files))]
-    moved = max(np.abs(a.numpy() - b).max() for a, b in zip(model.weights, before))
-    diff = max(np.abs(a.numpy() - b).max() for a, b in zip(model.weights, workers))
+    moved = max(np.abs(a - b).max() for a, b in zip(weights, before))
+    diff = max(np.abs(a - b).max() for a, b in zip(weights, workers))
     # float32: all-reduced sums vs one device's two-pass moments differ by rounding only
     assert moved > 1e-2 and diff < 1e-4 and diff / moved < 2e-4, (moved, diff)

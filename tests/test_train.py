@@ -14,7 +14,7 @@ from ekg_tf.config import base_config
 from ekg_tf.distribute import make_strategy
 from ekg_tf.models import build_model
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, TESTS_DIR
 
 
 def _config():
@@ -82,33 +82,12 @@ _MIRRORED = textwrap.dedent("""
     import numpy as np
     from ekg_tf.distribute import split_cpu_devices
     split_cpu_devices(2)
-    import keras, tensorflow as tf
-    from ekg_tf.config import base_config
-    from ekg_tf.models import build_model
-    from ekg_tf.train import Trainer, make_optimizer
-
-    cfg = base_config().train
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(16, 32, 32, 3)).astype(np.float32)
-    y = rng.integers(0, 10, 16)
+    import tensorflow as tf
+    from one_training_step import one_training_step
 
     def one_step(devices):
         strategy = tf.distribute.MirroredStrategy(devices)
-        keras.utils.set_random_seed(1)
-        with strategy.scope():
-            model = build_model("resnet20", 10)
-            opt = make_optimizer(cfg, 100)
-        for b in model.blocks:  # gamma=0 hides the second conv's gradients; make them count
-            b.bns[-1].gamma.assign(tf.ones_like(b.bns[-1].gamma))
-        trainer = Trainer(model, opt, strategy, 16, weight_decay=5e-4)
-        ds = strategy.distribute_datasets_from_function(
-            lambda c: tf.data.Dataset.from_tensor_slices((x, y))
-            .shard(c.num_input_pipelines, c.input_pipeline_id)
-            .batch(c.get_per_replica_batch_size(16)))
-        before = [v.numpy().copy() for v in model.weights]
-        for batch in ds:
-            trainer.train_step(batch)
-        return before, [v.numpy() for v in model.weights], strategy.num_replicas_in_sync
+        return (*one_training_step(strategy), strategy.num_replicas_in_sync)
 
     b1, w1, n1 = one_step(["/cpu:0"])
     b2, w2, n2 = one_step(["/cpu:0", "/cpu:1"])
@@ -122,10 +101,12 @@ _MIRRORED = textwrap.dedent("""
 """)
 
 
+
 def test_one_step_on_two_replicas_equals_one_device():
     """Same global batch of 16: 2 logical CPUs x 8 (sync BN) vs 1 device x 16."""
     out = subprocess.run([sys.executable, "-c", _MIRRORED], cwd=REPO_ROOT, capture_output=True,
                          text=True, timeout=600,
-                         env=dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2"))
+                         env=dict(os.environ, PYTHONPATH=os.pathsep.join([REPO_ROOT, TESTS_DIR]),
+                                  TF_CPP_MIN_LOG_LEVEL="2"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert "moved" in out.stdout

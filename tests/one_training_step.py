@@ -1,0 +1,37 @@
+"""One `Trainer` step of ResNet-20 on a fixed global batch of 16, under any strategy.
+
+The replica-equivalence tests (test_train: 2 logical CPUs; test_multiworker: two
+worker processes) run this in a subprocess and compare with one device running it.
+Not a test module: imported by those tests and by their subprocess scripts.
+"""
+import keras
+import numpy as np
+import tensorflow as tf
+
+GLOBAL_BATCH = 16
+
+
+def one_training_step(strategy):
+    """(weights before, weights after) of one step from the same initial weights and
+    global batch whatever the strategy; each replica reads its shard of the batch."""
+    from ekg_tf.config import base_config
+    from ekg_tf.models import build_model
+    from ekg_tf.train import Trainer, make_optimizer
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(GLOBAL_BATCH, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, GLOBAL_BATCH)
+    keras.utils.set_random_seed(1)
+    with strategy.scope():
+        model = build_model("resnet20", 10)
+        opt = make_optimizer(base_config().train, 100)
+    for b in model.blocks:  # gamma=0 hides the second conv's gradients; make them count
+        b.bns[-1].gamma.assign(tf.ones_like(b.bns[-1].gamma))
+    before = [v.numpy().copy() for v in model.weights]
+    trainer = Trainer(model, opt, strategy, GLOBAL_BATCH, weight_decay=5e-4)
+    ds = strategy.distribute_datasets_from_function(
+        lambda c: tf.data.Dataset.from_tensor_slices((x, y))
+        .shard(c.num_input_pipelines, c.input_pipeline_id)
+        .batch(c.get_per_replica_batch_size(GLOBAL_BATCH)))
+    for batch in ds:
+        trainer.train_step(batch)
+    return before, [v.numpy() for v in model.weights]
