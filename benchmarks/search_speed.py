@@ -2,6 +2,12 @@
 
     python benchmarks/search_speed.py                      # whole search to target 0.45
     python benchmarks/search_speed.py --max_steps=5 --modes=sliced,cache,nocache
+    python benchmarks/search_speed.py --memory_bank --out=/tmp/search.json   # + memory bank
+
+With `--memory_bank` the 5-teacher memory bank of the searched sub-network is built over
+the 50,000 training images (as ekg-search does) and timed. `--out` writes each mode's
+result as JSON with the kept output channels of every conv/dense layer (keyed by layer
+name), so that two versions of the code can be compared channel by channel.
 
 Prints a table: warm-up (tracing) time, seconds per step, candidates per step, total
 search time, and the retrace count after warm-up (must be 0). Modes: `sliced` (the
@@ -29,7 +35,34 @@ sys.path.insert(0, ROOT)
 SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
 
-def run(mode: str, max_steps: int, target: float) -> dict:
+def kept_channels_per_layer(model) -> dict:
+    """{layer name: kept output channel indices} of the model's current sub-network."""
+    out = {}
+    prefix = model.name + "/"
+    for conv in model.conv_layers():
+        name = conv.path[len(prefix):] if conv.path.startswith(prefix) else conv.path
+        kept = (conv.out_group.kept_indices() if conv.out_group is not None
+                else np.arange(conv.filters))
+        out[name.replace("/", "_")] = [int(i) for i in kept]
+    return out
+
+
+def time_memory_bank(model, train, history) -> float:
+    """Seconds to build the 5-teacher memory bank over the whole training split."""
+    from ekg_tf.data import normalize
+    from ekg_tf.search.memory_bank import build_memory_bank, select_teachers
+    entries = history[:-1]
+    teachers = [entries[i] for i in select_teachers([e["loss"] for e in entries], 5)]
+    n, bs = len(train), 256
+    batches = ((normalize(train.x[i:i + bs], "cifar10").numpy(), train.y[i:i + bs],
+                np.arange(i, min(i + bs, n))) for i in range(0, n, bs))
+    with tempfile.TemporaryDirectory() as out:
+        t0 = time.time()
+        build_memory_bank(model, teachers, batches, n, out)
+        return time.time() - t0
+
+
+def run(mode: str, max_steps: int, target: float, memory_bank: bool = False) -> dict:
     import tensorflow as tf
     from ekg_tf.data import normalize, reference_split_indices
     from ekg_tf.data.sources import load_npz
@@ -70,6 +103,8 @@ def run(mode: str, max_steps: int, target: float) -> dict:
         ev.warm_up = timed_warm_up
         result = search.run(on_step=on_step)
         total = time.time() - t0
+    kept = kept_channels_per_layer(model)
+    bank_s = time_memory_bank(model, train, result.history) if memory_bank else float("nan")
     cands = [e["candidates"] for e in result.history[1:]]
     return {"mode": mode, "warmup_s": timed_warm_up.seconds, "steps": result.steps,
             "s_per_step": float(np.mean(times)) if times else float("nan"),
@@ -78,7 +113,9 @@ def run(mode: str, max_steps: int, target: float) -> dict:
             "s_per_candidate": float(np.sum(times) / max(np.sum(cands), 1)),
             "search_s": float(np.sum(times)), "total_s": total,
             "macs_ratio": result.macs_ratio, "retraces_after_warmup":
-                result.retraces_after_warmup}
+                result.retraces_after_warmup, "memory_bank_s": bank_s,
+            "chosen_groups": [e["group"] for e in result.history[1:]],
+            "kept_channels": kept}
 
 
 def main():
@@ -86,19 +123,28 @@ def main():
     p.add_argument("--max_steps", type=int, default=1000)
     p.add_argument("--target", type=float, default=0.45)
     p.add_argument("--modes", default="sliced")
+    p.add_argument("--memory_bank", action="store_true",
+                   help="also build and time the 5-teacher memory bank of the result")
+    p.add_argument("--out", default="", help="write the results (with kept channels) as JSON")
     args = p.parse_args()
     if not os.path.exists(os.path.join(SHARED, "reference", "res56_cifar10.npz")):
         sys.exit(f"needs {SHARED}/reference/res56_cifar10.npz and {SHARED}/data/cifar10")
-    rows = [run(m, args.max_steps, args.target) for m in args.modes.split(",")]
+    rows = [run(m, args.max_steps, args.target, args.memory_bank)
+            for m in args.modes.split(",")]
+    if args.out:
+        import json
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
     cols = ["mode", "warmup_s", "steps", "s_per_step", "median_s_per_step",
-            "candidates_per_step", "s_per_candidate", "search_s", "macs_ratio",
-            "retraces_after_warmup"]
+            "candidates_per_step", "s_per_candidate", "search_s", "memory_bank_s",
+            "macs_ratio", "retraces_after_warmup"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.3f}" if isinstance(r[c], float) else str(r[c])
                                 for c in cols) + " |")
-    print("| reference (spec s.9) | - | 77 | 18.5 | 18.2 | 11-18 | ~1.2 | 1426 | 0.449 | - |")
+    print("| reference (spec s.9) | - | 77 | 18.5 | 18.2 | 11-18 | ~1.2 | 1426 | 331-444 | 0.449 "
+          "| - |")
 
 
 if __name__ == "__main__":
