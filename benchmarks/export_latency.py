@@ -61,16 +61,17 @@ def main():
     import numpy as np
     import tensorflow as tf
     from ekg_tf.data import normalize
-    from ekg_tf.flops import ComplexityCounter, complexity_graph
+    from ekg_tf.flops import ComplexityCounter
+    from ekg_tf.graph.gated import GatedModel
     from ekg_tf.models import build_model
-    from ekg_tf.slim import fold_batch_norm, slim_model
+    from ekg_tf.slimming import fold_batch_norm, slim_model
     from ekg_tf.subnet import SubnetSpec
     from ekg_tf.weights import load_weights
     from export import onnx_export, tflite, verify
     from export.exporter import _edge_saved_model
     from export.subnets import l1_uniform_subnet
 
-    model = build_model("resnet56", 10)
+    model = GatedModel(build_model("resnet56", 10))
     load_weights(model, args.weights)
     dense = slim_model(model, name="resnet56_dense")
     if args.subnet:
@@ -80,7 +81,7 @@ def main():
         spec = l1_uniform_subnet(model, args.target)
         source = f"l1_uniform_subnet(target={args.target}) (deterministic stand-in, not a search)"
     pruned = slim_model(model, spec, name="resnet56_pruned")
-    counter = ComplexityCounter(complexity_graph(model))
+    counter = ComplexityCounter(model)
     macs_ratio = counter.macs_ratio(spec.rates)
     with np.load(args.images) as f:
         x = normalize(f["x"][:64], "cifar10").numpy()

@@ -20,8 +20,9 @@ import tensorflow as tf  # noqa: E402
 
 from ekg_tf.config import base_config  # noqa: E402
 from ekg_tf.distribute import make_strategy  # noqa: E402
+from ekg_tf.graph.gated import GatedModel  # noqa: E402
 from ekg_tf.models import build_model  # noqa: E402
-from ekg_tf.slim import slim_model  # noqa: E402
+from ekg_tf.slimming import slim_model  # noqa: E402
 from ekg_tf.train import Trainer, make_optimizer  # noqa: E402
 
 
@@ -52,9 +53,10 @@ def main():
     x = rng.normal(size=(args.batch, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, args.batch).astype(np.int32)
     with strategy.scope():
-        gated = build_model(args.arch, 10)
-        for b in gated.blocks:
-            b.bns[-1].gamma.assign(tf.ones_like(b.bns[-1].gamma))
+        gated = GatedModel(build_model(args.arch, 10))
+        for layer in gated.base.layers:  # gamma = 0 would hide the second conv of a block
+            if layer.name.endswith("_bn2"):
+                layer.gamma.assign(tf.ones_like(layer.gamma))
         plain = slim_model(gated)
     diff = float(np.abs(gated(x).numpy() - plain(x, training=False).numpy()).max())
     rows = []

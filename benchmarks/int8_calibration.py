@@ -45,7 +45,7 @@ def main():
     import numpy as np
     from ekg_tf.config import reference_cifar_config
     from ekg_tf.data import normalize
-    from ekg_tf.slim import fold_batch_norm, recalibrate_batch_norm
+    from ekg_tf.slimming import fold_batch_norm, recalibrate_batch_norm
     from ekg_tf.subnet import SubnetSpec
     from export import tflite
     from export.exporter import _edge_saved_model

@@ -1,7 +1,7 @@
 """Search speed on ResNet-56 from the published weights (real CIFAR-10 validation images).
 
     python benchmarks/search_speed.py                      # whole search to target 0.45
-    python benchmarks/search_speed.py --max_steps=5 --modes=sliced,cache,nocache
+    python benchmarks/search_speed.py --max_steps=5 --modes=sliced,masked,masked_nocache
     python benchmarks/search_speed.py --memory_bank --out=/tmp/search.json   # + memory bank
 
 With `--memory_bank` the 5-teacher memory bank of the searched sub-network is built over
@@ -10,13 +10,14 @@ result as JSON with the kept output channels of every conv/dense layer (keyed by
 name), so that two versions of the code can be compared channel by channel.
 
 Prints a table: warm-up (tracing) time, seconds per step, candidates per step, total
-search time, and the retrace count after warm-up (must be 0). Modes: `sliced` (the
-default of ekg-search) runs each sub-network at its real width and evaluates each
-candidate from the first network segment its gate changes (prefix cache); `cache`
-is the same on the masked full-width network; `nocache` runs the whole masked
-network per candidate (still one compiled call per candidate for the whole
-validation set); `sliced_nocache` likewise. The reference needs ~18.5 s/step, 77 steps, ~1,426 s for its loop on
-this machine (spec section 9). Skips the adaptation pass (its cost is not the search's).
+search time, and the retrace count after warm-up (must be 0). Modes name the
+evaluator's forward: `sliced` (the default of ekg-search) runs each sub-network at its
+real width and evaluates each candidate from the first layer its group touches
+(prefix cache); `masked` is the same on the masked full-width network; a `_nocache`
+suffix runs the whole network per candidate (still one compiled call per candidate
+for the whole validation set). The reference needs ~18.5 s/step, 77 steps, ~1,426 s
+for its loop on this machine (spec section 9). Skips the adaptation pass (its cost is
+not the search's).
 """
 from __future__ import annotations
 
@@ -36,21 +37,18 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
 
 def kept_channels_per_layer(model) -> dict:
-    """{layer name: kept output channel indices} of the model's current sub-network."""
-    out = {}
-    prefix = model.name + "/"
-    for conv in model.conv_layers():
-        name = conv.path[len(prefix):] if conv.path.startswith(prefix) else conv.path
-        kept = (conv.out_group.kept_indices() if conv.out_group is not None
-                else np.arange(conv.filters))
-        out[name.replace("/", "_")] = [int(i) for i in kept]
-    return out
+    """{layer name: kept output channel indices} of a gated clone's current sub-network."""
+    from ekg_tf.slimming import layout_indices
+    kept = {g.name: g.kept_indices() for g in model.gate_groups}
+    dep = model.dependency
+    return {node.name: [int(i) for i in layout_indices(dep.out_layout(node), kept)]
+            for node in dep.graph.nodes if dep.rule(node).produces}
 
 
 def time_memory_bank(model, train, history) -> float:
     """Seconds to build the 5-teacher memory bank over the whole training split."""
     from ekg_tf.data import normalize
-    from ekg_tf.search.memory_bank import build_memory_bank, select_teachers
+    from ekg_tf.subnet_search.memory_bank import build_memory_bank, select_teachers
     entries = history[:-1]
     teachers = [entries[i] for i in select_teachers([e["loss"] for e in entries], 5)]
     n, bs = len(train), 256
@@ -66,10 +64,10 @@ def run(mode: str, max_steps: int, target: float, memory_bank: bool = False) -> 
     import tensorflow as tf
     from ekg_tf.data import normalize, reference_split_indices
     from ekg_tf.data.sources import load_npz
+    from ekg_tf.graph.gated import GatedModel
     from ekg_tf.models import build_model
-    from ekg_tf.search.evaluator import SubnetEvaluator
-    from ekg_tf.search.search import EKGSearch, SearchSettings
-    from ekg_tf.search.sliced import SlicedSubnetEvaluator
+    from ekg_tf.subnet_search.evaluator import SubnetEvaluator
+    from ekg_tf.subnet_search.search import EKGSearch, SearchSettings
     from ekg_tf.weights import load_weights
 
     tf.get_logger().setLevel("ERROR")
@@ -77,10 +75,10 @@ def run(mode: str, max_steps: int, target: float, memory_bank: bool = False) -> 
     idx = reference_split_indices(train.y, 32, from_end=True)
     idx = idx[np.random.default_rng(0).permutation(len(idx))]
     x = normalize(train.x[idx], "cifar10").numpy()
-    model = build_model("resnet56", 10)
+    model = GatedModel(build_model("resnet56", 10))
     load_weights(model, os.path.join(SHARED, "reference", "res56_cifar10.npz"))
-    cls = SlicedSubnetEvaluator if mode.startswith("sliced") else SubnetEvaluator
-    ev = cls(model, x, train.y[idx], 256, cache_prefix=not mode.endswith("nocache"))
+    ev = SubnetEvaluator(model, x, train.y[idx], 256, cache_prefix=not mode.endswith("nocache"),
+                         forward=mode.split("_")[0])
     settings = SearchSettings(target_ratio=target, max_steps=max_steps)
     with tempfile.TemporaryDirectory() as tmp:
         search = EKGSearch(model, ev, settings, tmp, {"benchmark": mode})

@@ -10,8 +10,11 @@ import ml_collections
 
 def model_config():
     return ml_collections.ConfigDict(dict(
-        arch="resnet56",        # resnet20/32/56/110 (CIFAR), resnet18/34/50 (ImageNet)
-        init="",                # weights to start from: .npz/.pkl (reference), .weights.h5, checkpoint
+        arch="resnet56",        # built-in: resnet20/32/56/110 (CIFAR), resnet18/34/50 (ImageNet)
+        # The model: weights of model.arch (.npz/.pkl reference, .weights.h5, checkpoint), or a
+        # whole model: "path/model.keras" (safe mode) or "keras.applications.<Name>".
+        init="",
+        init_weights="",        # keras.applications weights: "" (random), "imagenet", a .weights.h5
         sync_bn=True,           # all-reduce BN batch statistics over replicas
     ))
 
@@ -21,7 +24,9 @@ def data_config():
         source="npz",           # npz | tfds | folder | synthetic
         name="cifar10",         # cifar10 | cifar100 | imagenet2012 | synthetic
         num_classes=0,          # 0: from the dataset name
-        normalization="",       # "": the dataset's reference normalisation
+        # "": the dataset's normalisation (a keras.applications model: its own preprocessing);
+        # or cifar10 | cifar100 | imagenet | none | keras.applications.<Name>
+        normalization="",
         train_path="",
         test_path="",
         tfds_data_dir="",
@@ -71,7 +76,7 @@ def search_config():
         adapt_batch_size=256,
         adapt_weight_decay=5e-4,
         cache_prefix=True,      # cache the unchanged prefix of the network per candidate
-        sliced=True,            # evaluate sub-networks at their real width (one replica)
+        forward="sliced",       # sliced (sub-networks at their real width) | masked (full width)
         num_teachers=5,
         build_memory_bank=True,
         memory_bank_topk=0,     # 0: full logits; k>0: top-k logits per teacher (ImageNet)
@@ -120,6 +125,16 @@ def export_config():
         threads=2,              # TFLite / onnxruntime threads
         dense_latency=True,     # also time the unpruned network (pruned/dense ratio)
     ))
+
+
+def resolve(config):
+    """Fills derived defaults in place: a keras.applications model's inputs are normalised
+    with its own preprocessing unless data.normalization says otherwise."""
+    from ekg_tf.data.preprocessing import APPLICATIONS_PREFIX
+    init = str(config.model.get("init", "") or "")
+    if not config.data.get("normalization") and init.startswith(APPLICATIONS_PREFIX):
+        config.data.normalization = init
+    return config
 
 
 def base_config():

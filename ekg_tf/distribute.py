@@ -43,3 +43,20 @@ def split_cpu_devices(n: int) -> None:
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+
+
+def relaxed_spec(value):
+    """A TypeSpec of `value` (a tensor, a per-replica value, or a nest of them) with every
+    dimension unknown: a tf.function traced once with it serves every shape.
+
+    A per-replica value's spec is rebuilt from its class (TensorFlow's PerReplicaSpec,
+    whose constructor takes the component specs) since TF offers no public way to relax
+    one; this is the only use of that private class.
+    """
+    if isinstance(value, (list, tuple)):
+        return type(value)(relaxed_spec(v) for v in value)
+    if isinstance(value, tf.distribute.DistributedValues):
+        spec_type = type(tf.type_spec_from_value(value))
+        return spec_type(*[relaxed_spec(v) for v in value.values])
+    value = tf.convert_to_tensor(value)
+    return tf.TensorSpec([None] * len(value.shape), value.dtype)

@@ -1,10 +1,13 @@
 """Sub-network specs: the rates and ranks of every gate group, as a value object.
 
 A `SubnetSpec` is what the search produces and what slimming, fine-tuning and
-export consume. JSON form (`to_json`):
+export consume. Groups are named by the traced graph (the first layer producing
+their channels). JSON form (`to_json`):
   {"arch": "resnet56", "num_classes": 10, "input_shape": [32, 32, 3],
-   "groups": {"stream0": {"channels": 16, "rate": 0.75, "rank": [...],
-                          "kept_indices": [...]}, ...}}
+   "groups": {"conv": {"channels": 16, "rate": 0.75, "rank": [...],
+                       "kept_indices": [...]}, ...}}
+`arch` is the model's name (informative); a spec fits a model when its groups have
+the same names and channel counts.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import os
 
 import numpy as np
 
-from ekg_tf.models.gates import kept_count
+from ekg_tf.graph.gates import kept_count
 from ekg_tf.utils.io import atomic_write_text
 
 
@@ -42,20 +45,26 @@ class SubnetSpec:
 
     @classmethod
     def from_model(cls, model) -> "SubnetSpec":
+        """The current sub-network of a gated clone."""
         groups = {g.name: GroupState(g.channels, float(g.rate), tuple(int(r) for r in g.rank))
                   for g in model.gate_groups}
-        return cls(model.arch.name, model.num_classes, tuple(model.image_shape), groups)
+        return cls(model.arch_name, model.num_classes, tuple(model.image_shape), groups)
 
     @property
     def rates(self) -> dict:
         return {name: g.rate for name, g in self.groups.items()}
 
     def check_fits(self, model) -> None:
-        if model.arch.name != self.arch:
-            raise ValueError(f"sub-network spec is for {self.arch}, model is {model.arch.name}")
+        """ValueError unless the gated clone `model` has exactly this spec's groups."""
         names = [g.name for g in model.gate_groups]
         if sorted(names) != sorted(self.groups):
-            raise ValueError(f"sub-network spec groups do not match {model.arch.name}'s gate groups")
+            missing = sorted(set(self.groups) - set(names))[:3]
+            extra = sorted(set(names) - set(self.groups))[:3]
+            raise ValueError(
+                f"the sub-network spec (of {self.arch}) does not fit {model.arch_name}: its "
+                f"channel groups differ (spec only: {missing}, model only: {extra}); was it "
+                "written for another model (or by an ekg_tf before 0.2, whose group names "
+                "differ)?")
         for g in model.gate_groups:
             if self.groups[g.name].channels != g.channels:
                 raise ValueError(f"group {g.name!r}: spec has {self.groups[g.name].channels} "

@@ -87,15 +87,17 @@ _BLOCK = re.compile(r"^BasicBlock(\d+)\.(\d+)/")
 
 
 def reference_to_keras_name(name: str) -> str:
-    """'BasicBlock1.0/bn3/gamma:0' -> 'block1_0/bn3/gamma'; 'fc/biases:0' -> 'fc/bias'."""
+    """'BasicBlock1.0/bn3/gamma:0' -> 'block1_0_bn3/gamma'; 'fc/biases:0' -> 'fc/bias'."""
     name = name.split(":")[0]
-    name = _BLOCK.sub(lambda m: f"block{m.group(1)}_{m.group(2)}/", name)
+    name = _BLOCK.sub(lambda m: f"block{m.group(1)}_{m.group(2)}_", name)
     if name.endswith("/biases"):
         name = name[: -len("biases")] + "bias"
     return name
 
 
 def _model_variables(model) -> dict[str, object]:
+    """{'layer/variable': variable} of a plain (functional) model."""
+    model = getattr(model, "base", model)  # a gated clone holds the model's variables
     prefix = model.name + "/"
     out = {}
     for v in model.weights:
@@ -131,7 +133,9 @@ def assign_arrays(model, arrays: dict[str, np.ndarray], source: str = "weights")
 
 
 def load_weights(model, path: str) -> None:
-    """Loads weights from .npz/.pkl (reference names), .weights.h5, or a TF checkpoint."""
+    """Loads weights from .npz/.pkl (reference names), .weights.h5, or a TF checkpoint
+    into a plain model (or into the model behind a gated clone)."""
+    model = getattr(model, "base", model)
     if path.endswith(".weights.h5"):
         if not os.path.exists(path):
             raise WeightsError(f"weights file {path!r} does not exist")

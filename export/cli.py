@@ -42,10 +42,9 @@ def _log(msg):
 
 def main(argv):
     config, workdir = common.setup(argv)
-    import numpy as np
     from ekg_tf.data import load_arrays, normalization_for, normalize
-    from ekg_tf.flops import ComplexityCounter, complexity_graph
-    from ekg_tf.slim import recalibrate_batch_norm, slim_model
+    from ekg_tf.flops import ComplexityCounter
+    from ekg_tf.slimming import recalibrate_batch_norm, slim_model
     from ekg_tf.subnet import SubnetSpec
     from export import exporter, int8_calibration, saved_model as sm, tflite
 
@@ -72,8 +71,8 @@ def main(argv):
     # A slim model's weights (.keras / slim .weights.h5) come after slimming, with
     # statistics of their own: only gated weights from outside finetune/ need re-estimation.
     fine_tuned = fine_tuned or gated is None
-    mean, std = normalization_for(config.data.get("normalization") or config.data.name)
     norm_name = config.data.get("normalization") or config.data.name
+    normalization = normalization_for(norm_name)
     need_train = not fine_tuned or ("int8" in modes and not rep_path)
     train = load_arrays(config.data, "train") if need_train else None
     if not fine_tuned:
@@ -95,14 +94,15 @@ def main(argv):
     n_verify = min(int(ecfg.verify_images), len(test))
     # The unpruned network only serves the latency comparison, so a fine-tuned slim
     # model (no gated weights) is timed against the architecture at full width.
-    base = gated if gated is not None else common.build_model_from_config(config, load_init=False)
+    base = gated if gated is not None else common.build_model_from_config(
+        config, load_init=False, gated=True)
     dense = None
     if ecfg.dense_latency:
-        dense = slim_model(base, spec.full_width(), name=f"{base.arch.name}_dense")
-    graph = ComplexityCounter(complexity_graph(base))
-    full, pruned = graph.full, graph.count(spec.rates)
+        dense = slim_model(base, spec.full_width(), name=f"{base.arch_name}_dense")
+    counter = ComplexityCounter(base.dependency)
+    full, pruned = counter.full, counter.count(spec.rates)
     req = exporter.ExportRequest(
-        slim=slim, export_dir=export_dir, mean=tuple(mean.tolist()), std=tuple(std.tolist()),
+        slim=slim, export_dir=export_dir, normalization=normalization,
         verify_uint8=test.x[:n_verify], verify_labels=test.y[:n_verify], formats=tuple(formats),
         quant_modes=tuple(modes), representative=representative, model_name=ecfg.model_name,
         version=int(ecfg.version), contract=ecfg.input_contract,

@@ -23,7 +23,7 @@ import time
 import numpy as np
 import keras
 
-from ekg_tf.slim import fold_batch_norm
+from ekg_tf.slimming import fold_batch_norm
 from ekg_tf.utils.io import atomic_path, atomic_write_text
 from export import (int8_calibration, onnx_export, report as report_lib, saved_model as sm,
                     tflite, verify)
@@ -46,8 +46,7 @@ class ExportRequest:
     """Everything the exporter needs; images are real data (uint8) and labels."""
     slim: keras.Model                 # reference: slim Keras model with valid BN statistics
     export_dir: str
-    mean: tuple                       # normalisation baked into uint8/bytes contracts
-    std: tuple
+    normalization: object             # raw pixels -> model inputs (data.preprocessing.Normalization)
     verify_uint8: np.ndarray          # N real images (test split) for diffs and accuracy
     verify_labels: np.ndarray | None
     formats: tuple = FORMATS
@@ -105,11 +104,6 @@ def resolve_version(export_dir: str, model_name: str, version: int, fingerprint:
     return version
 
 
-def _normalise(req: ExportRequest, raw: np.ndarray) -> np.ndarray:
-    return ((raw.astype(np.float32) - np.float32(req.mean)) / np.float32(req.std)).astype(
-        np.float32)
-
-
 def _edge_saved_model(model: keras.Model, path: str) -> str:
     """A float SavedModel of `model` (input `images`, output `logits`) for TFLite conversion."""
     import tensorflow as tf
@@ -145,7 +139,7 @@ def export_all(req: ExportRequest, progress=print) -> dict:
     os.makedirs(art_dir, exist_ok=True)
     atomic_write_text(os.path.join(art_dir, "fingerprint.txt"), fingerprint + "\n")
 
-    x_verify = _normalise(req, req.verify_uint8)
+    x_verify = req.normalization.numpy(req.verify_uint8)
     labels = req.verify_labels
     lat_x = x_verify[:32]
     keras_fn = verify.keras_predictor(req.slim)
@@ -191,7 +185,7 @@ def export_all(req: ExportRequest, progress=print) -> dict:
         if os.path.exists(path):  # same fingerprint (resolve_version): keep the served copy
             progress(f"[export] {path} already holds this model; kept as is")
         else:
-            sm.write_saved_model(deploy, path, req.contract, req.mean, req.std, req.model_name,
+            sm.write_saved_model(deploy, path, req.contract, req.normalization, req.model_name,
                                  warmup_raw_uint8=req.verify_uint8[:8],
                                  metadata={"fingerprint": fingerprint, "contract": req.contract,
                                            "model_name": req.model_name, "version": version,
@@ -199,7 +193,7 @@ def export_all(req: ExportRequest, progress=print) -> dict:
         models_config = os.path.join(req.export_dir, "models.config")
         if not os.path.exists(models_config):  # an example for TF Serving; never clobbered
             atomic_write_text(models_config, sm.models_config(req.model_name))
-        inputs = sm.contract_inputs(req.contract, req.verify_uint8, req.mean, req.std)
+        inputs = sm.contract_inputs(req.contract, req.verify_uint8, req.normalization)
         res = sm.run_in_fresh_process(path, inputs, runs=req.latency_runs, workdir=art_dir)
         extra = {"input": res["input"], "outputs": res["outputs"],
                  "fresh_process_without_ekg_tf": not res["ekg_tf_imported"],

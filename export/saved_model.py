@@ -44,13 +44,12 @@ def input_spec(contract: str, image_shape) -> tf.TensorSpec:
     return tf.TensorSpec([None], tf.string, name="image_bytes")
 
 
-def serving_function(model: keras.Model, contract: str, mean, std):
-    """The `serving_default` function of `model` for `contract` (mean/std: the normalisation)."""
+def serving_function(model: keras.Model, contract: str, normalization):
+    """The `serving_default` function of `model` for `contract`; `normalization` (an
+    `ekg_tf.data.preprocessing.Normalization`) turns raw pixels into model inputs."""
     check_contract(contract)
     image_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
     h, w, c = image_shape
-    mean = tf.constant(np.asarray(mean, np.float32))
-    std = tf.constant(np.asarray(std, np.float32))
 
     def outputs(images):
         logits = model(images, training=False)
@@ -72,12 +71,12 @@ def serving_function(model: keras.Model, contract: str, mean, std):
     elif contract == "images_uint8":
         @tf.function(input_signature=[spec])
         def serve(images_uint8):
-            return outputs((tf.cast(images_uint8, tf.float32) - mean) / std)
+            return outputs(normalization(images_uint8))
     else:
         @tf.function(input_signature=[spec])
         def serve(image_bytes):
             pixels = tf.map_fn(decode, image_bytes, fn_output_signature=tf.float32)
-            return outputs((pixels - mean) / std)
+            return outputs(normalization(pixels))
     return serve
 
 
@@ -94,11 +93,10 @@ def encode_png(images: np.ndarray) -> list[bytes]:
     return [tf.io.encode_png(img).numpy() for img in np.asarray(images, np.uint8)]
 
 
-def contract_inputs(contract: str, raw_uint8: np.ndarray, mean, std):
+def contract_inputs(contract: str, raw_uint8: np.ndarray, normalization):
     """What a client sends for `contract`, from raw uint8 images."""
     if contract == "images":
-        return ((raw_uint8.astype(np.float32) - np.float32(mean)) / np.float32(std)).astype(
-            np.float32)
+        return normalization.numpy(raw_uint8)
     if contract == "images_uint8":
         return raw_uint8.astype(np.uint8)
     return np.asarray(encode_png(raw_uint8), dtype=object)
@@ -145,7 +143,7 @@ def existing_versions(base: str) -> list[int]:
     return sorted(int(d) for d in os.listdir(base) if d.isdigit())
 
 
-def write_saved_model(model: keras.Model, version_path: str, contract: str, mean, std,
+def write_saved_model(model: keras.Model, version_path: str, contract: str, normalization,
                       model_name: str, warmup_raw_uint8=None, metadata: dict | None = None) -> str:
     """Writes the serving SavedModel to `version_path` (which must not exist), atomically."""
     if os.path.exists(version_path):
@@ -157,14 +155,14 @@ def write_saved_model(model: keras.Model, version_path: str, contract: str, mean
     try:
         archive = keras.export.ExportArchive()
         archive.track(model)
-        archive.add_endpoint(SIGNATURE, serving_function(model, contract, mean, std))
+        archive.add_endpoint(SIGNATURE, serving_function(model, contract, normalization))
         out = os.path.join(tmp, "model")
         archive.write_out(out, verbose=False)
         os.makedirs(os.path.join(out, "assets.extra"), exist_ok=True)
         if warmup_raw_uint8 is not None and len(warmup_raw_uint8):
             raw = np.asarray(warmup_raw_uint8)
-            samples = [contract_inputs(contract, raw[:1], mean, std),
-                       contract_inputs(contract, raw, mean, std)]
+            samples = [contract_inputs(contract, raw[:1], normalization),
+                       contract_inputs(contract, raw, normalization)]
             write_warmup(os.path.join(out, WARMUP_FILE), model_name, contract, samples)
         with open(os.path.join(out, METADATA_FILE), "w") as f:
             json.dump(metadata or {}, f, indent=1)

@@ -43,13 +43,17 @@ def find_weights(workdir: str, flag_value: str | None, init: str) -> tuple[str, 
 
 
 def load_slim(config, spec, weights: str):
-    """(slim Keras model, gated model or None) for the spec and weights."""
+    """(slim Keras model, gated clone or None) for the spec and weights."""
     import keras
-    from ekg_tf.slim import slim_model
-    model = common.build_model_from_config(config, load_init=False)
+    from ekg_tf.models.sources import model_kind
+    from ekg_tf.slimming import slim_model
+    model = common.build_model_from_config(config, load_init=False, gated=True)
     spec.check_fits(model)
+    if weights == str(config.model.init or "") and model_kind(weights) != "builtin":
+        spec.apply_to(model)  # a .keras file or an application: the model holds its weights
+        return slim_model(model, spec), model
     if weights.endswith(".keras"):
-        slim = keras.models.load_model(weights, compile=False)
+        slim = keras.models.load_model(weights, compile=False, safe_mode=True)
         expected = slim_model(model, spec)
         shapes = [tuple(w.shape) for w in slim.weights]
         if shapes != [tuple(w.shape) for w in expected.weights]:

@@ -53,7 +53,7 @@ def searched_resnet56(tmp_path_factory):
     for path in (REFERENCE_NPZ, CIFAR_TRAIN, CIFAR_TEST1000):
         require(path)
     from ekg_tf.config import reference_cifar_config
-    from ekg_tf.search.pipeline import run_search
+    from ekg_tf.subnet_search.pipeline import run_search
     config = reference_cifar_config("resnet56", "cifar10")
     config.model.init = REFERENCE_NPZ
     config.data.train_path = CIFAR_TRAIN

@@ -16,7 +16,7 @@ def one_training_step(strategy):
     global batch whatever the strategy; each replica reads its shard of the batch."""
     from ekg_tf.config import base_config
     from ekg_tf.models import build_model
-    from ekg_tf.train import Trainer, make_optimizer
+    from ekg_tf.train import Trainer, make_optimizer, synchronize_batch_norm
     rng = np.random.default_rng(0)
     x = rng.normal(size=(GLOBAL_BATCH, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, GLOBAL_BATCH)
@@ -24,8 +24,10 @@ def one_training_step(strategy):
     with strategy.scope():
         model = build_model("resnet20", 10)
         opt = make_optimizer(base_config().train, 100)
-    for b in model.blocks:  # gamma=0 hides the second conv's gradients; make them count
-        b.bns[-1].gamma.assign(tf.ones_like(b.bns[-1].gamma))
+    synchronize_batch_norm(model, strategy)  # N replicas: the global batch's statistics
+    for layer in model.layers:  # gamma=0 hides the second conv's gradients; make them count
+        if layer.name.endswith("_bn2"):
+            layer.gamma.assign(tf.ones_like(layer.gamma))
     before = [v.numpy().copy() for v in model.weights]
     trainer = Trainer(model, opt, strategy, GLOBAL_BATCH, weight_decay=5e-4)
     ds = strategy.distribute_datasets_from_function(

@@ -25,16 +25,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from ekg_tf.data import normalize  # noqa: E402
 from ekg_tf.data.sources import synthetic_split  # noqa: E402
-from ekg_tf.flops import ComplexityCounter, complexity_graph  # noqa: E402
+from ekg_tf.data.preprocessing import normalization_for  # noqa: E402
+from ekg_tf.flops import ComplexityCounter  # noqa: E402
+from ekg_tf.graph.gated import GatedModel  # noqa: E402
 from ekg_tf.models import build_model  # noqa: E402
-from ekg_tf.slim import fold_batch_norm, recalibrate_batch_norm, slim_model  # noqa: E402
+from ekg_tf.slimming import (batch_norm_layers, fold_batch_norm, recalibrate_batch_norm,  # noqa: E402
+                         slim_model)
 from ekg_tf.subnet import SubnetSpec  # noqa: E402
 from export import saved_model as sm, tflite  # noqa: E402
 from export.exporter import ExportRequest, export_all, resolve_version  # noqa: E402
 from export.onnx_export import OnnxRunner  # noqa: E402
 from export.weights_io import load_slim  # noqa: E402
 
-CIFAR = dict(mean=(113.9, 123.0, 125.3), std=(66.7, 62.1, 63.0))
+CIFAR = dict(normalization=normalization_for("cifar10"))
 FLOAT_REL_TOL = 1e-4
 RES56 = os.path.join(SHARED, "reference", "res56_cifar10.npz")
 TRAIN = os.path.join(SHARED, "data", "cifar10", "cifar10_train.npz")
@@ -61,8 +64,8 @@ def saved_model_cli():
 @pytest.fixture(scope="module")
 def r20(tmp_path_factory):
     rng = np.random.default_rng(0)
-    model = build_model("resnet20", 10)
-    for bn, _ in model.batch_norms():
+    model = GatedModel(build_model("resnet20", 10))
+    for bn in batch_norm_layers(model):
         for v in (bn.gamma, bn.beta, bn.moving_mean):
             v.assign(rng.normal(0, 0.5, v.shape).astype(np.float32))
         bn.moving_variance.assign(rng.uniform(0.5, 2.0, bn.moving_variance.shape).astype(np.float32))
@@ -195,7 +198,7 @@ def r56(searched_resnet56, tmp_path_factory):
     spec = SubnetSpec.from_json(result["subnet"])
     # What ekg-export does with a search result: the search's weights, slimmed.
     slim, model = load_slim(config, spec, result["weights"])
-    published = build_model("resnet56", 10)
+    published = GatedModel(build_model("resnet56", 10))
     load_weights(published, RES56)
     dense = slim_model(published)
     with np.load(TEST1000) as f:
@@ -218,7 +221,7 @@ def r56(searched_resnet56, tmp_path_factory):
 
 
 def test_r56_pruned_float_chain(r56):
-    counter = ComplexityCounter(complexity_graph(r56["model"]))
+    counter = ComplexityCounter(r56["model"])
     assert r56["search"]["status"] == "done"
     assert counter.macs_ratio(r56["spec"].rates) == pytest.approx(r56["search"]["macs_ratio"])
     assert 0.43 < r56["search"]["macs_ratio"] <= 0.45

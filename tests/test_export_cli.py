@@ -32,16 +32,17 @@ def finish(proc):
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A workdir with a search result and gated weights (random init, random sub-network)."""
+    from ekg_tf.graph.gated import GatedModel
     from ekg_tf.models import build_model
     from ekg_tf.subnet import SubnetSpec
     wd = tmp_path_factory.mktemp("cli_workdir")
-    model = build_model("resnet20", 10)
+    model = GatedModel(build_model("resnet20", 10))
     rng = np.random.default_rng(0)
     for g in model.gate_groups:
         g.rank = rng.permutation(g.channels)
         g.rate = float(rng.uniform(0.3, 1.0))
     SubnetSpec.from_model(model).to_json(str(wd / "search" / "subnet.json"))
-    model.save_weights(str(wd / "init.weights.h5"))
+    model.base.save_weights(str(wd / "init.weights.h5"))
     return wd
 
 
@@ -100,13 +101,14 @@ def test_cli_fine_tuned_model_is_timed_against_the_dense_network(workdir, tmp_pa
     """A fine-tuned slim .keras (workdir/finetune/best.keras) is exported as is, and the
     unpruned architecture is timed beside it (the pruned/dense latency table)."""
     import shutil
+    from ekg_tf.graph.gated import GatedModel
     from ekg_tf.models import build_model
-    from ekg_tf.slim import slim_model
+    from ekg_tf.slimming import slim_model
     from ekg_tf.subnet import SubnetSpec
     wd = tmp_path / "fine_tuned"
     shutil.copytree(workdir / "search", wd / "search")
-    model = build_model("resnet20", 10)
-    model.load_weights(str(workdir / "init.weights.h5"))
+    model = GatedModel(build_model("resnet20", 10))
+    model.base.load_weights(str(workdir / "init.weights.h5"))
     os.makedirs(wd / "finetune")
     slim_model(model, SubnetSpec.from_json(str(wd / "search" / "subnet.json"))).save(
         str(wd / "finetune" / "best.keras"))

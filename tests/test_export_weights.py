@@ -9,8 +9,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from ekg_tf.graph.gated import GatedModel  # noqa: E402
 from ekg_tf.models import build_model  # noqa: E402
-from ekg_tf.slim import slim_model  # noqa: E402
+from ekg_tf.slimming import slim_model  # noqa: E402
 from ekg_tf.subnet import SubnetSpec  # noqa: E402
 from export.weights_io import find_weights, load_slim  # noqa: E402
 
@@ -21,7 +22,7 @@ def setup(tmp_path_factory):
     import quickstart
     config = quickstart.get_config()
     wd = tmp_path_factory.mktemp("weights_wd")
-    model = build_model("resnet20", 10)
+    model = GatedModel(build_model("resnet20", 10))
     rng = np.random.default_rng(0)
     for g in model.gate_groups:
         g.rank = rng.permutation(g.channels)
@@ -34,7 +35,7 @@ def setup(tmp_path_factory):
 def test_gated_weights_are_slimmed(setup):
     config, wd, model, spec, x = setup
     path = str(wd / "gated.weights.h5")
-    model.save_weights(path)
+    model.base.save_weights(path)
     slim, gated = load_slim(config, spec, path)
     assert gated is not None  # gated weights: the CLI re-estimates BN statistics
     np.testing.assert_allclose(slim(x).numpy(), model(x).numpy(), atol=1e-5)

@@ -38,9 +38,10 @@ def main(out_dir):
     from ekg_tf import data
     from ekg_tf.data import synthetic_split
     from ekg_tf.finetune import distill, runner
+    from ekg_tf.graph.gated import GatedModel
     from ekg_tf.models import build_model
-    from ekg_tf.search.memory_bank import MemoryBank, build_memory_bank
-    from ekg_tf.slim import slim_model
+    from ekg_tf.subnet_search.memory_bank import MemoryBank, build_memory_bank
+    from ekg_tf.slimming import slim_model
     from ekg_tf.train import Trainer
 
     two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -158,11 +159,11 @@ def main(out_dir):
     result["selection"] = sel
 
     # ------------------------------------------------------------------ 3. slim ResNet-20, sync BN
-    gated = build_model("resnet20", 10, input_shape=(16, 16, 3))
+    gated = GatedModel(build_model("resnet20", 10, input_shape=(16, 16, 3)))
     r = np.random.default_rng(2)
     for g in gated.gate_groups:
         g.rank = r.permutation(g.channels)
-        g.rate = 0.5 if "gate" in g.name else 1.0
+        g.rate = 0.5 if g.name.endswith("_conv1") else 1.0
     images = r.normal(size=(8, 2, 16, 16, 3)).astype(np.float32)
     lab = r.integers(0, 10, 8).astype(np.int32)
     tea = r.normal(0, 2, (8, 10, 3)).astype(np.float32)

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from ekg_tf.graph.gated import GatedModel
 from ekg_tf.models import build_model
-from ekg_tf.search.memory_bank import (MemoryBank, build_memory_bank, bytes_per_image,
+from ekg_tf.subnet_search.memory_bank import (MemoryBank, build_memory_bank, bytes_per_image,
                                        compress_topk)
+from ekg_tf.slimming import batch_norm_layers
 
 
 def _entry(model, rates, step, loss):
@@ -21,8 +23,8 @@ def _entry(model, rates, step, loss):
 @pytest.fixture(scope="module")
 def bank(tmp_path_factory):
     rng = np.random.default_rng(0)
-    model = build_model("resnet20", 10)
-    for bn, _ in model.batch_norms():
+    model = GatedModel(build_model("resnet20", 10))
+    for bn in batch_norm_layers(model):
         bn.gamma.assign(rng.uniform(0.5, 1.5, bn.gamma.shape).astype(np.float32))
     names = [g.name for g in model.gate_groups]
     teachers = [_entry(model, {n: 1.0 for n in names}, 0, 0.1),

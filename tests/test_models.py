@@ -1,15 +1,21 @@
-"""Gated ResNets: structure, gate groups, and that gating is exact and reversible."""
+"""Built-in ResNets: plain Keras models whose traced channel groups are the reference's."""
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from ekg_tf.models import build_model, get_arch, kept_count
-from ekg_tf.models.layers import _masked_kernel
+from ekg_tf.graph import dependency_graph
+from ekg_tf.graph.gated import GatedModel
+from ekg_tf.graph.gates import kept_count
+from ekg_tf.models import build_model, get_arch
+
+
+def producers(group):
+    return {m.layer for m in group.members if m.role == "out"}
 
 
 @pytest.fixture(scope="module")
 def resnet20():
-    return build_model("resnet20", 10)
+    return GatedModel(build_model("resnet20", 10))
 
 
 def test_unknown_arch_is_a_clear_error():
@@ -17,30 +23,46 @@ def test_unknown_arch_is_a_clear_error():
         build_model("resnet57", 10)
 
 
-def test_resnet56_structure_matches_the_reference():
+def test_resnet56_is_a_plain_keras_model_with_the_reference_groups():
     model = build_model("resnet56", 10)
+    assert type(model).__name__ == "Functional"
     assert model.count_params() == 860_026  # the reference's counter: 0.860 M (incl. BN stats)
-    groups = model.gate_groups
+    graph = dependency_graph(model)
+    groups = {g.name: g for g in graph.groups}
     assert len(groups) == 3 + 27
-    assert [g.uses for g in groups[:3]] == [10, 9, 9]  # stem + 9 blocks share stream0
-    # projection shortcuts only where width/stride change; last BN of a block starts at gamma=0
-    assert [b.projection is not None for b in model.blocks].count(True) == 2
-    assert all(np.all(b.bns[-1].gamma.numpy() == 0) for b in model.blocks)
-    assert model.stem_bn.epsilon == 1e-5 and model.stem_bn.momentum == 0.9
+    # One residual-stream group per stage: the stem (stage 0) or the projection shortcut
+    # and the last conv of every block of the stage, gated after every block's add+ReLU.
+    for s, first in enumerate(("conv", "block1_0_conv3", "block2_0_conv3")):
+        stream = groups[first]
+        assert producers(stream) == {first} | {f"block{s}_{b}_conv2" for b in range(9)}
+        assert stream.uses == (10 if s == 0 else 9) and stream.channels == 16 * 2 ** s
+    # One group per block-internal conv, gated once after its ReLU.
+    for s in range(3):
+        for b in range(9):
+            inner = groups[f"block{s}_{b}_conv1"]
+            assert producers(inner) == {f"block{s}_{b}_conv1"} and inner.uses == 1
+            assert inner.gate_tensors == (f"block{s}_{b}_relu1:0",)
+    assert [p.reason.split(":")[0] for p in graph.pinned] == ["model input", "model output"]
+    # The reference's initialisation and BN settings.
+    assert all(np.all(model.get_layer(f"block{s}_{b}_bn2").gamma.numpy() == 0)
+               for s in range(3) for b in range(9))
+    bn = model.get_layer("bn")
+    assert bn.epsilon == 1e-5 and bn.momentum == 0.9
 
 
 def test_resnet50_has_bottlenecks_and_a_stem_group():
     model = build_model("resnet50", 1000, input_shape=(64, 64, 3))
-    names = [g.name for g in model.gate_groups]
-    assert names[:5] == ["stem", "stream0", "stream1", "stream2", "stream3"]
-    assert "block0_0/gate0" in names and "block0_0/gate1" in names
-    assert model.gate_group("stream3").channels == 2048
+    groups = {g.name: g for g in dependency_graph(model).groups}
+    assert producers(groups["conv"]) == {"conv"} and groups["conv"].uses == 1  # after max-pool
+    assert groups["conv"].gate_tensors == ("max_pool:0",)
+    assert {"block0_0_conv0", "block0_0_conv1"} <= set(groups)
+    assert groups["block3_0_conv3"].channels == 2048 and groups["block3_0_conv3"].uses == 3
+    assert len(groups) == 1 + 4 + 2 * 16
     assert model(tf.zeros([2, 64, 64, 3])).shape == (2, 1000)
 
 
-def test_gate_group_rate_rank_and_mask():
-    model = build_model("resnet20", 10)
-    g = model.gate_group("block1_0/gate1")
+def test_gate_group_rate_rank_and_mask(resnet20):
+    g = resnet20.gate_group("block1_0_conv1")
     assert g.channels == 32 and g.kept == 32
     g.set_rank_from_score(np.arange(32)[::-1].astype(float))  # channel 0 scores highest
     g.rate = 0.25
@@ -53,6 +75,7 @@ def test_gate_group_rate_rank_and_mask():
         g.rate = 1.5
     with pytest.raises(ValueError, match="permutation"):
         g.rank = np.zeros(32)
+    g.rank, g.rate = np.arange(32), 1.0
 
 
 def test_kept_count_follows_float32_threshold():
@@ -62,18 +85,15 @@ def test_kept_count_follows_float32_threshold():
     assert kept_count(64, 0.0) == 1
 
 
-def test_all_ones_mask_leaves_kernel_unchanged(resnet20):
-    conv = resnet20.blocks[4].convs[0]
-    masked = _masked_kernel(conv.kernel, conv.in_group, conv.out_group)
-    np.testing.assert_allclose(masked.numpy(), conv.kernel.numpy(), rtol=1e-6, atol=1e-7)
-
-
 def test_gating_changes_logits_and_rate_one_restores_them(resnet20):
     x = tf.random.stateless_normal([4, 32, 32, 3], seed=[1, 2])
-    for b in resnet20.blocks:  # gamma=0 would hide inner changes
-        b.bns[-1].gamma.assign(tf.ones_like(b.bns[-1].gamma))
+    for s in range(3):
+        for b in range(3):  # gamma=0 would hide inner changes
+            bn = resnet20.base.get_layer(f"block{s}_{b}_bn2")
+            bn.gamma.assign(tf.ones_like(bn.gamma))
     dense = resnet20(x).numpy()
-    g = resnet20.gate_group("block2_1/gate1")
+    np.testing.assert_allclose(resnet20.base(x).numpy(), dense, atol=1e-5)
+    g = resnet20.gate_group("block2_1_conv1")
     g.rate = 0.5
     assert np.abs(resnet20(x).numpy() - dense).max() > 1e-4
     g.rate = 1.0
@@ -91,7 +111,7 @@ def test_changing_rates_does_not_retrace(resnet20):
     x = tf.zeros([2, 32, 32, 3])
     forward(x)
     for rate in (0.5, 0.25, 1.0):
-        resnet20.gate_group("stream1").rate = rate
+        resnet20.gate_group("block1_0_conv3").rate = rate
         forward(x)
     assert len(traces) == 1
 

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 
 from ekg_tf.config import base_config
-from ekg_tf.flops import ComplexityCounter, complexity_graph
+from ekg_tf.flops import ComplexityCounter
+from ekg_tf.graph.gated import GatedModel
 from ekg_tf.models import build_model
-from ekg_tf.search.evaluator import SubnetEvaluator
-from ekg_tf.search.memory_bank import MemoryBank
-from ekg_tf.search.pipeline import run_search
-from ekg_tf.search.search import EKGSearch, SearchSettings
+from ekg_tf.subnet_search.evaluator import SubnetEvaluator
+from ekg_tf.subnet_search.memory_bank import MemoryBank
+from ekg_tf.subnet_search.pipeline import run_search
+from ekg_tf.subnet_search.search import EKGSearch, SearchSettings
 
 
 def small_config():
@@ -126,8 +127,8 @@ def test_empty_validation_set(tmp_path):
 
 
 def test_unreachable_target(tmp_path):
-    model = build_model("resnet20", 10)
-    counter = ComplexityCounter(complexity_graph(model))
+    model = GatedModel(build_model("resnet20", 10))
+    counter = ComplexityCounter(model)
     floor = counter.macs_ratio({g.name: 0.0 for g in model.gate_groups})
     x = np.zeros((20, 32, 32, 3), np.float32)
     ev = SubnetEvaluator(model, x, np.zeros(20), 20)

@@ -8,42 +8,42 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ekg_tf.flops import ComplexityCounter, complexity_graph
+from ekg_tf.flops import ComplexityCounter
+from ekg_tf.graph.gated import GatedModel
+from ekg_tf.graph.gates import gate
 from ekg_tf.models import build_model
-from ekg_tf.models.gates import Gate, GateGroup
-from ekg_tf.search import scoring
-from ekg_tf.search.memory_bank import select_teachers
-from ekg_tf.search.objective import evaluate_logits, update_knowledge
-from ekg_tf.search.otsu import trimmed_otsu
-from ekg_tf.search.search import SearchSettings
-from ekg_tf.search.state import SearchState, load_state, save_state
+from ekg_tf.subnet_search import scoring
+from ekg_tf.subnet_search.memory_bank import select_teachers
+from ekg_tf.subnet_search.objective import evaluate_logits, update_knowledge
+from ekg_tf.subnet_search.otsu import trimmed_otsu
+from ekg_tf.subnet_search.search import SearchSettings
+from ekg_tf.subnet_search.state import SearchState, load_state, save_state
 
 
 # ----------------------------------------------------------------------------- gate gradient
 def test_gate_gradient_matches_hand_and_finite_difference():
+    """The gate masks forward, passes the gradient through unmasked, and the Taylor score
+    |sum_{b,h,w} dL/dy * y| taken at its output (as the search evaluator does) is the
+    derivative of L along scaling that channel."""
     rng = np.random.default_rng(0)
-    group = GateGroup("g", 4)
-    group.rank = [2, 0, 3, 1]
-    group.rate = 0.5                      # keeps channels with rank < 2: channels 1 and 3
-    gate = Gate(group)
     x = tf.constant(rng.normal(size=(2, 3, 3, 4)).astype(np.float32))
     w = tf.constant(rng.normal(size=(2, 3, 3, 4)).astype(np.float32))
-    mask = np.array([0, 1, 0, 1], np.float32)
+    mask = tf.constant([0, 1, 0, 1], tf.float32)  # rank [2, 0, 3, 1] at rate 0.5
 
     def loss_of(xx):
-        return tf.reduce_sum(tf.tanh(gate(xx)) * w)
+        return tf.reduce_sum(tf.tanh(gate(xx, mask)) * w)
 
-    with tf.GradientTape() as tape:
-        tape.watch([x, gate.score_probe])
-        loss = loss_of(x)
-    dx, score = tape.gradient(loss, [x, gate.score_probe])
-    y = x.numpy() * mask
-    dy = (1 - np.tanh(y) ** 2) * w.numpy()
-    # hand computation: |sum_{b,h,w} dL/dy * y| per channel; gradient passed through unmasked
-    np.testing.assert_allclose(score.numpy(), np.abs((dy * y).sum((0, 1, 2))), rtol=1e-5)
-    np.testing.assert_allclose(dx.numpy(), dy, rtol=1e-5)
-    assert np.all(score.numpy()[[0, 2]] == 0)
-    # finite difference: the score is |d/de L(channel c scaled by 1+e)| at e = 0
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        y = gate(x, mask)
+        loss = tf.reduce_sum(tf.tanh(y) * w)
+    dx, dy = tape.gradient(loss, [x, y])
+    score = np.abs(tf.reduce_sum(dy * y, axis=[0, 1, 2]).numpy())
+    y_np = x.numpy() * mask.numpy()
+    dy_np = (1 - np.tanh(y_np) ** 2) * w.numpy()
+    np.testing.assert_allclose(score, np.abs((dy_np * y_np).sum((0, 1, 2))), rtol=1e-5)
+    np.testing.assert_allclose(dx.numpy(), dy_np, rtol=1e-5)  # not masked
+    assert np.all(score[[0, 2]] == 0)
     eps = 1e-3
     for c in (1, 3):
         scale = np.ones(4, np.float32)
@@ -51,7 +51,7 @@ def test_gate_gradient_matches_hand_and_finite_difference():
         up = float(loss_of(x * scale))
         scale[c] = 1 - eps
         down = float(loss_of(x * scale))
-        np.testing.assert_allclose(abs(up - down) / (2 * eps), score.numpy()[c], rtol=2e-2)
+        np.testing.assert_allclose(abs(up - down) / (2 * eps), score[c], rtol=2e-2)
 
 
 # ----------------------------------------------------------------------------- Otsu
@@ -100,17 +100,17 @@ def test_removal_sum_takes_lowest_survivors():
 
 @pytest.fixture(scope="module")
 def counter20():
-    model = build_model("resnet20", 10)
-    return model, ComplexityCounter(complexity_graph(model))
+    model = GatedModel(build_model("resnet20", 10))
+    return model, ComplexityCounter(model)
 
 
 def test_fine_step_lands_at_target(counter20):
     model, counter = counter20
     rates = {g.name: 1.0 for g in model.gate_groups}
-    for name in ("block0_0/gate1", "block0_1/gate1", "block0_2/gate1"):
+    for name in ("block0_0_conv1", "block0_1_conv1", "block0_2_conv1"):
         rates[name] = 0.2
     current = counter.macs_ratio(rates)
-    name = "block1_1/gate1"
+    name = "block1_1_conv1"
     coarse = scoring.next_rate(rates[name], 0.2)
     target = (current + counter.macs_ratio(dict(rates, **{name: coarse}))) / 2
     rate = scoring.candidate_rate(counter.macs_ratio, rates, name, 0.2, 1 / 32, 0.2, target)

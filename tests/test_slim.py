@@ -1,4 +1,4 @@
-"""Physical slimming (ekg_tf.slim): gated logits == slim logits == BN-folded logits,
+"""Physical slimming (ekg_tf.slimming): gated logits == slim logits == BN-folded logits,
 and BN re-estimation on training images (spec sections 2, 6, 9).
 
 Tolerances (float32): logits agree within 1e-4 * max(1, max |logit|) absolute.
@@ -22,9 +22,11 @@ import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from ekg_tf.data import normalize  # noqa: E402
-from ekg_tf.flops import ComplexityCounter, complexity_graph  # noqa: E402
+from ekg_tf.flops import ComplexityCounter  # noqa: E402
+from ekg_tf.graph.gated import GatedModel  # noqa: E402
 from ekg_tf.models import build_model  # noqa: E402
-from ekg_tf.slim import fold_batch_norm, recalibrate_batch_norm, slim_model  # noqa: E402
+from ekg_tf.slimming import (batch_norm_layers, fold_batch_norm, recalibrate_batch_norm,  # noqa: E402
+                         slim_model)
 from ekg_tf.subnet import SubnetSpec  # noqa: E402
 from export.subnets import l1_uniform_subnet  # noqa: E402
 
@@ -46,10 +48,14 @@ def assert_logits_close(a, b, what, rel=1e-4):
     return diff
 
 
+def gated(arch, **kwargs):
+    return GatedModel(build_model(arch, 10, **kwargs))
+
+
 def randomize(model, seed):
     """Random BN parameters/statistics and a random sub-network (ranks and rates)."""
     rng = np.random.default_rng(seed)
-    for bn, _ in model.batch_norms():
+    for bn in batch_norm_layers(model):
         for v in (bn.gamma, bn.beta, bn.moving_mean):
             v.assign(rng.normal(0, 0.5, v.shape).astype(np.float32))
         bn.moving_variance.assign(rng.uniform(0.5, 2.0, bn.moving_variance.shape)
@@ -62,7 +68,7 @@ def randomize(model, seed):
 
 @pytest.fixture(scope="module")
 def resnet20():
-    model = build_model("resnet20", 10)
+    model = gated("resnet20")
     spec = randomize(model, 0)
     x = np.random.default_rng(1).normal(size=(16, 32, 32, 3)).astype(np.float32)
     return model, spec, x
@@ -75,12 +81,12 @@ def test_resnet20_random_subnet_parity(resnet20, tmp_path):
     assert kinds <= ALLOWED, f"unexpected layer types {kinds - ALLOWED}"
     # Shapes follow the kept channels of the spec.
     kept = {n: g.kept for n, g in spec.groups.items()}
-    assert slim.get_layer("conv").kernel.shape[-1] == kept["stream0"]
-    assert slim.get_layer("block0_0_conv1").kernel.shape[-1] == kept["block0_0/gate1"]
-    assert slim.get_layer("block1_0_conv3").kernel.shape[-2:] == (kept["stream0"],
-                                                                  kept["stream1"])
-    assert slim.get_layer("fc").kernel.shape == (kept["stream2"], 10)
-    counter = ComplexityCounter(complexity_graph(model))
+    assert slim.get_layer("conv").kernel.shape[-1] == kept["conv"]
+    assert slim.get_layer("block0_0_conv1").kernel.shape[-1] == kept["block0_0_conv1"]
+    assert slim.get_layer("block1_0_conv3").kernel.shape[-2:] == (kept["conv"],
+                                                                  kept["block1_0_conv3"])
+    assert slim.get_layer("fc").kernel.shape == (kept["block2_0_conv3"], 10)
+    counter = ComplexityCounter(model)
     expected = counter.count(spec.rates)
     n_bn_stats = sum(2 * l.gamma.shape[0] for l in slim.layers
                      if isinstance(l, keras.layers.BatchNormalization))
@@ -112,14 +118,14 @@ def test_spec_does_not_touch_gated_model(resnet20):
 
 def test_wrong_spec_is_refused(resnet20):
     model, _, _ = resnet20
-    other = SubnetSpec.from_model(build_model("resnet32", 10))
-    with pytest.raises(ValueError, match="resnet32"):
+    other = SubnetSpec.from_model(gated("resnet32"))
+    with pytest.raises(ValueError, match="of resnet32.*does not fit resnet20"):
         slim_model(model, other)
 
 
 def test_resnet50_bottleneck_parity():
     """The ImageNet stem (7x7/2 + max-pool), 'stem' group and bottleneck gates slim too."""
-    model = build_model("resnet50", 10, input_shape=(64, 64, 3))
+    model = gated("resnet50", input_shape=(64, 64, 3))
     spec = randomize(model, 3)
     x = np.random.default_rng(4).normal(size=(2, 64, 64, 3)).astype(np.float32)
     slim = slim_model(model, spec)
@@ -136,13 +142,11 @@ def test_recalibration_single_batch_equals_batch_statistics(resnet20):
     recalibrate_batch_norm(slim, x, batch_size=len(x))
     assert_logits_close(slim(x, training=True).numpy(), slim(x, training=False).numpy(),
                         "slim: recalibrated inference vs batch statistics", rel=1e-4)
-    gated = build_model("resnet20", 10)
-    randomize(gated, 0)
-    momenta = [bn.momentum for bn, _ in gated.batch_norms()]
-    recalibrate_batch_norm(gated, x, batch_size=len(x))
-    assert [bn.momentum for bn, _ in gated.batch_norms()] == momenta  # restored
-    assert_logits_close(gated(x, training=True, freeze_bn_stats=True).numpy(),
-                        gated(x, training=False).numpy(),
+    other = gated("resnet20")
+    randomize(other, 0)
+    recalibrate_batch_norm(other, x, batch_size=len(x))
+    assert_logits_close(other(x, training=True, freeze_bn_stats=True).numpy(),
+                        other(x, training=False).numpy(),
                         "gated: recalibrated inference vs batch statistics", rel=1e-4)
 
 
@@ -160,17 +164,17 @@ def test_recalibration_pools_exact_population_statistics(resnet20):
     np.testing.assert_allclose(bn.moving_variance.numpy(), conv.var(axis=(0, 1, 2)),
                                rtol=1e-4, atol=1e-5)
     # The gated model re-estimated on the same images slims to the same network.
-    gated = build_model("resnet20", 10)
-    gated.set_weights(model.get_weights())
-    spec.apply_to(gated)
-    recalibrate_batch_norm(gated, x, batch_size=16)
+    other = gated("resnet20")
+    other.set_weights(model.get_weights())
+    spec.apply_to(other)
+    recalibrate_batch_norm(other, x, batch_size=16)
     y = x[:8]
-    assert_logits_close(slim_model(gated)(y).numpy(), slim(y).numpy(),
+    assert_logits_close(slim_model(other)(y).numpy(), slim(y).numpy(),
                         "slim(recalibrated gated) vs recalibrated slim", rel=1e-4)
 
 
 def test_recalibration_rejects_empty():
-    with pytest.raises(ValueError, match="non-empty NHWC"):
+    with pytest.raises(ValueError, match="non-empty batch"):
         recalibrate_batch_norm(keras.Sequential([keras.layers.BatchNormalization()]),
                                np.zeros((0, 4, 4, 3), np.float32))
 
@@ -180,7 +184,7 @@ def resnet56_data():
     if not all(os.path.exists(p) for p in (RES56, TRAIN, TEST1000)):
         pytest.skip(f"shared reference weights/data not found under {SHARED}")
     from ekg_tf.weights import load_weights
-    model = build_model("resnet56", 10)
+    model = gated("resnet56")
     load_weights(model, RES56)
     with np.load(TEST1000) as f:
         x_test, y_test = normalize(f["x"], "cifar10").numpy(), f["y"].astype(np.int64)
@@ -201,7 +205,7 @@ def test_resnet56_dense_and_pruned(resnet56_data):
     model, x_test, y_test, x_train = resnet56_data
     # (The dense slim model's 93.40% accuracy is checked in test_export.py.)
     spec = l1_uniform_subnet(model, 0.45)
-    assert ComplexityCounter(complexity_graph(model)).macs_ratio(spec.rates) <= 0.45
+    assert ComplexityCounter(model).macs_ratio(spec.rates) <= 0.45
     slim = slim_model(model, spec)
     x = x_test[:200]
     assert_logits_close(model(x).numpy(), slim(x).numpy(), "resnet56 0.45 gated vs slim")

@@ -43,23 +43,20 @@ def setup(argv):
     if workdir:
         os.makedirs(workdir, exist_ok=True)
     logging.set_verbosity(logging.WARNING)
-    return config, workdir
+    from ekg_tf.config import resolve
+    return resolve(config), workdir
 
 
-def build_model_from_config(config, strategy=None, load_init: bool = True):
-    """The gated model of `config.model` (weights from `config.model.init` when set)."""
-    from ekg_tf.data.sources import num_classes_for
-    from ekg_tf.models import build_model
-    from ekg_tf.weights import load_weights
-
-    input_shape = (config.data.image_size, config.data.image_size, 3)
+def build_model_from_config(config, strategy=None, load_init: bool = True,
+                            gated: bool = False):
+    """The model of `config.model` (weights from `config.model.init` when set); with
+    `gated`, its gated clone (channel groups, rates)."""
+    from ekg_tf.graph.gated import GatedModel
+    from ekg_tf.models.sources import model_from_config
 
     def build():
-        model = build_model(config.model.arch, num_classes_for(config.data),
-                            input_shape=input_shape, sync_bn=config.model.sync_bn)
-        if load_init and config.model.init:
-            load_weights(model, config.model.init)
-        return model
+        model = model_from_config(config, load_init=load_init)
+        return GatedModel(model, sync_bn=bool(config.model.sync_bn)) if gated else model
 
     if strategy is None:
         return build()

@@ -35,7 +35,7 @@ def main(argv):
     strategy = make_strategy(config.strategy)
     dcfg = config.data
     test_arrays = None if dcfg.source == "tfds" else data.load_arrays(dcfg, "test")
-    model = common.build_model_from_config(config, strategy)
+    model = common.build_model_from_config(config, strategy, gated=True)
     if FLAGS.subnet:
         SubnetSpec.from_json(FLAGS.subnet).apply_to(model)
     modes = ["inference", "batch_stats"] if FLAGS.bn_mode == "both" else [FLAGS.bn_mode]

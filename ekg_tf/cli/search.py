@@ -20,7 +20,7 @@ FLAGS = common.define_flags()
 
 def main(argv):
     config, workdir = common.setup(argv)
-    from ekg_tf.search.pipeline import run_search
+    from ekg_tf.subnet_search.pipeline import run_search
     result = run_search(config, workdir)
     common.print_result(result)
 

@@ -35,6 +35,7 @@ def main(argv):
     total_steps = tcfg.steps or tcfg.epochs * steps_per_epoch
     epochs = -(-total_steps // steps_per_epoch)
     model = common.build_model_from_config(config, strategy)
+    train.synchronize_batch_norm(model, strategy, bool(config.model.sync_bn))
     with strategy.scope():
         optimizer = train.make_optimizer(tcfg, total_steps)
     trainer = train.Trainer(model, optimizer, strategy, dcfg.batch_size, tcfg.weight_decay,
@@ -63,6 +64,7 @@ def main(argv):
                        evaluate_fn=evaluate, checkpoint_every=tcfg.checkpoint_every_steps,
                        keep_checkpoints=tcfg.keep_checkpoints, log_every=tcfg.log_every_steps,
                        eval_every_epochs=tcfg.eval_every_epochs, on_epoch_end=plot)
+    train.synchronize_batch_norm(model, strategy, False)  # saved models carry plain BN
     weights_path = os.path.join(workdir, "model.weights.h5")
     with atomic_path(weights_path) as tmp:
         model.save_weights(tmp + ".weights.h5")

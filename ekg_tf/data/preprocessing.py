@@ -10,6 +10,8 @@ mean/std normalisation in RGB.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import tensorflow as tf
 
@@ -23,19 +25,76 @@ NORMALIZATION = {
 }
 
 
-def normalization_for(name: str):
+APPLICATIONS_PREFIX = "keras.applications."
+
+
+@dataclasses.dataclass(frozen=True)
+class Normalization:
+    """`(x[..., order] - mean) / std` per channel on RGB pixels 0..255; `bgr` reverses the
+    channel order first (the 'caffe' preprocessing of keras.applications ResNet/VGG)."""
+    mean: tuple
+    std: tuple
+    bgr: bool = False
+
+    def __call__(self, images):
+        x = tf.cast(images, tf.float32)
+        if self.bgr:
+            x = x[..., ::-1]
+        return (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+    def numpy(self, images) -> np.ndarray:
+        x = np.asarray(images, np.float32)
+        if self.bgr:
+            x = x[..., ::-1]
+        return ((x - np.float32(self.mean)) / np.float32(self.std)).astype(np.float32)
+
+
+def application_normalization(name: str) -> Normalization:
+    """The preprocessing of a keras.applications model ('keras.applications.MobileNetV2' or
+    its module 'keras.applications.mobilenet_v2'), read off its `preprocess_input` (which
+    is a per-channel affine map, possibly after reversing the channel order)."""
+    import keras
+    attr = name[len(APPLICATIONS_PREFIX):] if name.startswith(APPLICATIONS_PREFIX) else name
+    target = getattr(keras.applications, attr, None)
+    if callable(target) and not hasattr(target, "preprocess_input"):  # a model constructor
+        target = getattr(keras.applications, target.__module__.rsplit(".", 1)[-1], None)
+    if target is None or not hasattr(target, "preprocess_input"):
+        raise ValueError(f"no preprocessing known for {name!r}: keras.applications has no "
+                         f"model or module {attr!r} with a preprocess_input")
+    probe = np.zeros((4, 1, 1, 3), np.float32)
+    for c in range(3):
+        probe[c + 1, 0, 0, c] = 100.0
+    out = np.asarray(target.preprocess_input(probe.copy()), np.float64).reshape(4, 3)
+    base, moves = out[0], out[1:] - out[0]  # moves[i, j]: input channel i -> output j
+    order = np.argmax(np.abs(moves), axis=1)
+    bgr = order.tolist() == [2, 1, 0]
+    if not (bgr or order.tolist() == [0, 1, 2]):
+        raise ValueError(f"{name}: preprocess_input is not a per-channel affine map")
+    std = 100.0 / np.array([moves[order.tolist().index(j), j] for j in range(3)])
+    mean = -base * std
+    # preprocess_input computes in float32: round off its rounding (127.4999979 -> 127.5)
+    return Normalization(tuple(round(float(m), 4) + 0.0 for m in mean),
+                         tuple(round(float(v), 4) for v in std), bgr)
+
+
+def normalization_for(name: str) -> Normalization:
+    """A dataset's normalisation (`cifar10`, ...), `keras.applications.<Model or module>`
+    (the application's own preprocessing) or `none` (pixels as they are, 0..255)."""
+    if name in ("none", "identity"):
+        return Normalization((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    if name.startswith(APPLICATIONS_PREFIX):
+        return application_normalization(name)
     try:
         mean, std = NORMALIZATION[name]
     except KeyError:
-        raise ValueError(f"no normalisation known for dataset {name!r}; "
-                         f"known: {sorted(NORMALIZATION)}") from None
-    return np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        raise ValueError(f"no normalisation known for {name!r}; known: {sorted(NORMALIZATION)}"
+                         f", 'none', or '{APPLICATIONS_PREFIX}<Model>'") from None
+    return Normalization(tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
 
 def normalize(images, name: str):
     """uint8 (or float 0..255) RGB -> normalised float32."""
-    mean, std = normalization_for(name)
-    return (tf.cast(images, tf.float32) - mean) / std
+    return normalization_for(name)(images)
 
 
 def cifar_augment(image, seed):

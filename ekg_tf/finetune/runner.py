@@ -3,7 +3,7 @@
 `run_finetune(config, workdir)`:
 1. reads `workdir/search/subnet.json` and the search's (adapted) weights
    `workdir/search/weights.weights.h5` (else `config.model.init`), and builds the
-   physically slimmed plain Keras model (`ekg_tf.slim.slim_model`);
+   physically slimmed plain Keras model (`ekg_tf.slimming.slim_model`);
 2. re-estimates its BN statistics on training images and evaluates it on the
    test split: `top1_before` (epoch 0);
 3. trains it with `ekg_tf.train.Trainer`/`fit` (resumable, best + last
@@ -39,11 +39,12 @@ import tensorflow as tf
 import keras
 
 from ekg_tf import data, flops, train
+from ekg_tf.config import resolve
 from ekg_tf.data.pipeline import steps_per_epoch as count_steps
 from ekg_tf.distribute import make_strategy, use_jit
 from ekg_tf.finetune.distill import SELECTIONS, make_distillation_loss
-from ekg_tf.search.memory_bank import MemoryBank, build_memory_bank
-from ekg_tf.slim import recalibrate_batch_norm, slim_model
+from ekg_tf.subnet_search.memory_bank import MemoryBank, build_memory_bank
+from ekg_tf.slimming import recalibrate_batch_norm, slim_model
 from ekg_tf.subnet import SubnetSpec
 from ekg_tf.utils.cli import UserError
 from ekg_tf.utils.io import atomic_path, atomic_write_json
@@ -96,8 +97,9 @@ def search_paths(workdir: str) -> dict:
 
 
 def load_gated(config, workdir: str):
-    """(gated model with the search's weights, SubnetSpec, weights source)."""
-    from ekg_tf.models import build_model
+    """(gated clone with the search's weights, SubnetSpec, weights source)."""
+    from ekg_tf.graph.gated import GatedModel
+    from ekg_tf.models.sources import model_from_config, model_kind
     from ekg_tf.weights import load_weights
 
     paths = search_paths(workdir)
@@ -105,33 +107,32 @@ def load_gated(config, workdir: str):
         raise UserError(f"no sub-network found: {paths['spec']} does not exist. Run ekg-search "
                         f"first (ekg-search --config=... --workdir={workdir}), which writes it.")
     spec = SubnetSpec.from_json(paths["spec"])
-    size = int(config.data.image_size)
-    model = build_model(config.model.arch, data.num_classes_for(config.data),
-                        input_shape=(size, size, 3), sync_bn=config.model.sync_bn)
+    model = GatedModel(model_from_config(config, load_init=False),
+                       sync_bn=bool(config.model.sync_bn))
     try:
         spec.check_fits(model)
     except ValueError as e:
-        raise UserError(f"{paths['spec']} does not fit model.arch={config.model.arch} with "
-                        f"{model.num_classes} classes: {e}") from None
+        raise UserError(f"{paths['spec']} does not fit the configured model: {e}") from None
+    init = str(config.model.init or "")
     if os.path.exists(paths["weights"]):
         source = paths["weights"]  # the search's adapted weights: what the spec/teachers saw
-    elif config.model.init:
-        source = config.model.init
+        load_weights(model, source)
+    elif init and model_kind(init) == "builtin":
+        source = init
+        load_weights(model, source)
+    elif init:
+        source = init  # a .keras file or an application carries its weights
     else:
         raise UserError(f"no weights for the sub-network: neither {paths['weights']} nor "
                         "model.init exists; run ekg-search or set --config.model.init")
-    load_weights(model, source)
     spec.apply_to(model)
     return model, spec, source
 
 
 def build_slim(gated, spec, strategy, sync_bn: bool):
     with strategy.scope():
-        model = slim_model(gated, spec, name=f"{gated.arch.name}_slim")
-    if sync_bn and strategy.num_replicas_in_sync > 1:
-        for layer in model.layers:
-            if isinstance(layer, keras.layers.BatchNormalization):
-                layer.synchronized = True  # global batch statistics: N replicas == 1 device
+        model = slim_model(gated, spec, name=f"{gated.arch_name}_slim")
+    train.synchronize_batch_norm(model, strategy, sync_bn)
     return model
 
 
@@ -293,6 +294,7 @@ def run_finetune(config, workdir: str, log=None, stop_at_step: int | None = None
                  strategy=None) -> dict:
     """Runs (or resumes) the fine-tuning of `workdir/search/subnet.json`; returns the result."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    config = resolve(config)
     check_settings(config)
     ft, dcfg = config.finetune, config.data
     out_dir = os.path.join(workdir, "finetune")

@@ -1,4 +1,4 @@
-"""Gated ResNets and their pruning objects."""
-from ekg_tf.models.gates import Gate, GateGroup, kept_count
-from ekg_tf.models.layers import BatchNorm, GatedConv2D, GatedDense
-from ekg_tf.models.resnet import ARCHS, GatedResNet, ResNetArch, build_model, get_arch
+"""Built-in model architectures (plain Keras models; their channel groups are traced)."""
+from ekg_tf.models.resnet import ARCHS, ResNetArch, build_model, build_resnet, get_arch
+
+__all__ = ["ARCHS", "ResNetArch", "build_model", "build_resnet", "get_arch"]

@@ -1,22 +1,27 @@
-"""Gated ResNets built as the EKG reference builds them.
+"""The reference's ResNets as plain functional Keras models.
 
 CIFAR ResNet-20/32/56/110 (3x3 stem, stages 16/32/64) and ImageNet
-ResNet-18/34/50 (7x7/2 stem + 3x3/2 max-pool, stages 64..512). Projection
-shortcuts (1x1 conv + BN) where stride or width changes, the last BN of each
-block starts at gamma = 0, BN epsilon 1e-5 and momentum 0.9. Layer names follow
-the reference (`conv`, `bn`, `block{stage}_{block}/conv1`, ..., `fc`) so its
-variable `BasicBlock{s}.{b}/conv1/kernel:0` is our `block{s}_{b}/conv1/kernel`.
+ResNet-18/34/50 (7x7/2 stem + 3x3/2 max-pool, stages 64..512), as the EKG
+reference builds them: projection shortcuts (1x1 conv + BN) where stride or width
+changes, the last BN of each block starts at gamma = 0, BN epsilon 1e-5 and
+momentum 0.9, 'SAME' convolutions without bias, conv init VarianceScaling(2,
+fan_out), classifier init N(0, 0.01). Nothing here is specific to pruning: the
+channel groups (one residual-stream group per stage, one group per block-internal
+conv) are derived by `ekg_tf.graph.dependency_graph` like for any other model.
+
+Layer names follow the reference's variables: `conv`/`bn` (stem), then
+`block{stage}_{block}_conv1`, `..._bn1`, ..., `..._conv3`/`..._bn3` (projection),
+`fc`; the reference's `BasicBlock{s}.{b}/conv1/kernel:0` is our
+`block{s}_{b}_conv1/kernel` (see `ekg_tf.weights`).
 """
 from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
-import tensorflow as tf
 import keras
 
-from ekg_tf.models.gates import Gate, GateGroup
-from ekg_tf.models.layers import BatchNorm, GatedConv2D, GatedDense
+BN_EPSILON = 1e-5
+BN_MOMENTUM = 0.9
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +36,10 @@ class ResNetArch:
     @property
     def expansion(self) -> int:
         return 4 if self.bottleneck else 1
+
+    @property
+    def default_input_shape(self) -> tuple:
+        return (224, 224, 3) if self.imagenet_stem else (32, 32, 3)
 
 
 _CIFAR = dict(widths=(16, 32, 64), strides=(1, 2, 2), bottleneck=False, imagenet_stem=False)
@@ -54,199 +63,61 @@ def get_arch(name: str) -> ResNetArch:
         raise ValueError(f"unknown architecture {name!r}; choose one of {sorted(ARCHS)}") from None
 
 
-# The dataflow of a gated ResNet, written once. The model's own forward, the search's
-# masked forward (which records gate outputs and BN moments) and its sliced
-# real-width forward differ only in how a conv + BN pair is applied and what a gate
-# does, so they pass those two steps in:
-#   conv_bn(conv, bn, x) -> bn(conv(x));  gate(gate_layer, x) -> x gated (or recorded).
-def stem_forward(model, x, conv_bn, gate):
-    """Stem conv + BN + ReLU (+ max-pool for ImageNet), then the first stream gate."""
-    x = tf.nn.relu(conv_bn(model.stem_conv, model.stem_bn, x))
-    if model.arch.imagenet_stem:
-        x = tf.nn.max_pool2d(x, 3, 2, "SAME")
-    return gate(model.stem_gate, x)
+def _conv_bn(x, filters, kernel, strides, name, bn_name, gamma_zero=False):
+    x = keras.layers.Conv2D(
+        filters, kernel, strides, padding="same", use_bias=False, name=name,
+        kernel_initializer=keras.initializers.VarianceScaling(2.0, mode="fan_out"))(x)
+    return keras.layers.BatchNormalization(
+        epsilon=BN_EPSILON, momentum=BN_MOMENTUM, name=bn_name,
+        gamma_initializer="zeros" if gamma_zero else "ones")(x)
 
 
-def block_forward(block, x, conv_bn, gate):
-    """One residual block: convs with gated inner ReLUs, shortcut, add, ReLU, stream gate."""
+def _block(x, width, strides, in_channels, bottleneck, prefix):
+    """A basic (3x3, 3x3) or bottleneck (1x1, 3x3, 1x1) block with its shortcut."""
+    out_channels = width * (4 if bottleneck else 1)
     shortcut = x
-    if block.projection is not None:
-        shortcut = conv_bn(block.projection, block.projection_bn, x)
-    gates = block.gates
-    for i, (conv, bn) in enumerate(zip(block.convs, block.bns)):
-        x = conv_bn(conv, bn, x)
-        if i < len(gates):
-            x = gate(gates[i], tf.nn.relu(x))
-    return gate(block.stream_gate, tf.nn.relu(x + shortcut))
+    if strides > 1 or in_channels != out_channels:
+        shortcut = _conv_bn(x, out_channels, 1, strides, f"{prefix}_conv3", f"{prefix}_bn3")
+    if bottleneck:
+        convs = [("0", 1, 1, width), ("1", 3, strides, width), ("2", 1, 1, out_channels)]
+    else:
+        convs = [("1", 3, strides, width), ("2", 3, 1, out_channels)]
+    y = x
+    for i, (index, kernel, stride, filters) in enumerate(convs):
+        last = i == len(convs) - 1
+        y = _conv_bn(y, filters, kernel, stride, f"{prefix}_conv{index}", f"{prefix}_bn{index}",
+                     gamma_zero=last)
+        if not last:
+            y = keras.layers.ReLU(name=f"{prefix}_relu{index}")(y)
+    x = keras.layers.Add(name=f"{prefix}_add")([y, shortcut])
+    return keras.layers.ReLU(name=f"{prefix}_relu")(x)
 
 
-def segment_forward(model, s: int, x, conv_bn, gate):
-    """Segment `s` of the network: 0 is the stem, s > 0 is block s-1."""
-    if s == 0:
-        return stem_forward(model, x, conv_bn, gate)
-    return block_forward(model.blocks[s - 1], x, conv_bn, gate)
+def build_resnet(arch: str | ResNetArch, num_classes: int, input_shape=None,
+                 name: str | None = None) -> keras.Model:
+    """A ResNet of the reference as a functional Keras model; outputs logits."""
+    arch = get_arch(arch) if isinstance(arch, str) else arch
+    input_shape = tuple(int(d) for d in (input_shape or arch.default_input_shape))
+    inputs = keras.Input(shape=input_shape, name="images")
+    kernel, stride = (7, 2) if arch.imagenet_stem else (3, 1)
+    x = _conv_bn(inputs, arch.widths[0], kernel, stride, "conv", "bn")
+    x = keras.layers.ReLU(name="relu")(x)
+    if arch.imagenet_stem:
+        x = keras.layers.MaxPooling2D(3, 2, padding="same", name="max_pool")(x)
+    in_channels = arch.widths[0]
+    for stage, (n_blocks, width, stride) in enumerate(zip(arch.blocks, arch.widths,
+                                                         arch.strides)):
+        for b in range(n_blocks):
+            x = _block(x, width, stride if b == 0 else 1, in_channels, arch.bottleneck,
+                       f"block{stage}_{b}")
+            in_channels = width * arch.expansion
+    x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(x)
+    logits = keras.layers.Dense(
+        num_classes, name="fc",
+        kernel_initializer=keras.initializers.RandomNormal(stddev=1e-2))(x)
+    return keras.Model(inputs, logits, name=name or arch.name)
 
 
-def _apply_gate(gate, x):
-    return gate(x)
-
-
-class ResidualBlock(keras.layers.Layer):
-    """Basic (two 3x3) or bottleneck (1x1-3x3-1x1) block with gates after inner ReLUs.
-
-    The block's output (after add + ReLU) goes through the stage's stream gate.
-    """
-
-    def __init__(self, width, strides, in_channels, bottleneck, in_group, stream_group,
-                 sync_bn=True, **kwargs):
-        super().__init__(**kwargs)
-        out_channels = width * (4 if bottleneck else 1)
-        self.bottleneck = bottleneck
-        self.inner_groups = []
-        conv_specs = []  # (conv name, kernel, strides, filters)
-        if bottleneck:
-            conv_specs = [("conv0", 1, 1, width), ("conv1", 3, strides, width),
-                          ("conv2", 1, 1, out_channels)]
-        else:
-            conv_specs = [("conv1", 3, strides, width), ("conv2", 3, 1, out_channels)]
-        # Sub-layers are attributes, not lists: tf.train.Checkpoint does not see into
-        # Keras 3's tracked lists, and checkpoints must hold every variable.
-        self._conv_names, self._bn_names, self._gate_names = [], [], []
-        group_in = in_group
-        for i, (conv_name, k, s, filters) in enumerate(conv_specs):
-            last = i == len(conv_specs) - 1
-            if last:
-                group_out = stream_group
-            else:
-                group_out = GateGroup(f"{self.name}/gate{conv_name[-1]}", filters)
-                self.inner_groups.append(group_out)
-            index = conv_name[-1]
-            setattr(self, conv_name, GatedConv2D(filters, k, s, in_group=group_in,
-                                                 out_group=group_out, name=conv_name))
-            setattr(self, f"bn{index}", BatchNorm(gamma_zero=last, synchronized=sync_bn,
-                                                  name=f"bn{index}"))
-            self._conv_names.append(conv_name)
-            self._bn_names.append(f"bn{index}")
-            if not last:
-                setattr(self, f"gate{index}", Gate(group_out, name=f"gate{index}"))
-                self._gate_names.append(f"gate{index}")
-            group_in = group_out
-        self.projection = None
-        if strides > 1 or in_channels != out_channels:
-            self.projection = GatedConv2D(out_channels, 1, strides, in_group=in_group,
-                                          out_group=stream_group, name="conv3")
-            self.projection_bn = BatchNorm(synchronized=sync_bn, name="bn3")
-        self.stream_gate = Gate(stream_group, name="stream_gate")
-
-    @property
-    def convs(self) -> list[GatedConv2D]:
-        return [getattr(self, n) for n in self._conv_names]
-
-    @property
-    def bns(self) -> list[BatchNorm]:
-        return [getattr(self, n) for n in self._bn_names]
-
-    @property
-    def gates(self) -> list[Gate]:
-        return [getattr(self, n) for n in self._gate_names]
-
-    def call(self, x, training=False, freeze_bn_stats=False):
-        def conv_bn(conv, bn, z):
-            return bn(conv(z), training=training, freeze_stats=freeze_bn_stats)
-        return block_forward(self, x, conv_bn, _apply_gate)
-
-
-class GatedResNet(keras.Model):
-    """A ResNet whose prunable channels are governed by explicit `GateGroup`s.
-
-    `call(images, training=False, freeze_bn_stats=False)`; images are already
-    normalised NHWC float32. With every rate at 1.0 it is the dense network.
-    """
-
-    def __init__(self, arch: str | ResNetArch, num_classes: int, input_shape=None,
-                 sync_bn: bool = True, **kwargs):
-        arch = get_arch(arch) if isinstance(arch, str) else arch
-        super().__init__(name=kwargs.pop("name", arch.name), **kwargs)
-        self.arch = arch
-        self.num_classes = int(num_classes)
-        if input_shape is None:
-            input_shape = (224, 224, 3) if arch.imagenet_stem else (32, 32, 3)
-        self.image_shape = tuple(int(d) for d in input_shape)
-        widths = arch.widths
-        self.stream_groups = [GateGroup(f"stream{s}", widths[s] * arch.expansion)
-                              for s in range(len(widths))]
-        # The stem output is stage 0's residual stream for basic blocks; a
-        # bottleneck's first block widens it through a projection, so the stem
-        # then has a group of its own.
-        stem_group = GateGroup("stem", widths[0]) if arch.bottleneck else self.stream_groups[0]
-        self.stem_group = stem_group
-        k, s = (7, 2) if arch.imagenet_stem else (3, 1)
-        self.stem_conv = GatedConv2D(widths[0], k, s, in_group=None, out_group=stem_group,
-                                     name="conv")
-        self.stem_bn = BatchNorm(synchronized=sync_bn, name="bn")
-        self.stem_gate = Gate(stem_group, name="stem_gate")
-        self._block_names = []
-        in_channels, in_group = widths[0], stem_group
-        for stage, (n_blocks, width, stride) in enumerate(zip(arch.blocks, widths, arch.strides)):
-            for b in range(n_blocks):
-                block = ResidualBlock(width, stride if b == 0 else 1, in_channels,
-                                      arch.bottleneck, in_group, self.stream_groups[stage],
-                                      sync_bn=sync_bn, name=f"block{stage}_{b}")
-                setattr(self, block.name, block)  # an attribute: see ResidualBlock
-                self._block_names.append(block.name)
-                in_channels, in_group = width * arch.expansion, self.stream_groups[stage]
-        self.fc = GatedDense(num_classes, in_group=in_group, name="fc")
-        self(tf.zeros((1, *self.image_shape)))  # create weights, record spatial sizes
-
-    @property
-    def blocks(self) -> list[ResidualBlock]:
-        return [getattr(self, n) for n in self._block_names]
-
-    @property
-    def gate_groups(self) -> list[GateGroup]:
-        """Every gate group, in network order (stem/stream groups, then block groups)."""
-        groups = [self.stem_group] if self.arch.bottleneck else []
-        groups += list(self.stream_groups)
-        for block in self.blocks:
-            groups += block.inner_groups
-        return groups
-
-    def gate_group(self, name: str) -> GateGroup:
-        for group in self.gate_groups:
-            if group.name == name:
-                return group
-        raise KeyError(f"no gate group {name!r}; groups: {[g.name for g in self.gate_groups]}")
-
-    @property
-    def gates(self) -> list[Gate]:
-        return [gate for group in self.gate_groups for gate in group.gates]
-
-    def call(self, images, training=False, freeze_bn_stats=False):
-        def conv_bn(conv, bn, z):
-            return bn(conv(z), training=training, freeze_stats=freeze_bn_stats)
-        x = stem_forward(self, images, conv_bn, _apply_gate)
-        for block in self.blocks:
-            x = block(x, training=training, freeze_bn_stats=freeze_bn_stats)
-        return self.fc(tf.reduce_mean(x, axis=[1, 2]))
-
-    def conv_layers(self) -> list[GatedConv2D]:
-        convs = [self.stem_conv]
-        for block in self.blocks:
-            convs += block.convs
-            if block.projection is not None:
-                convs.append(block.projection)
-        return convs
-
-    def batch_norms(self) -> list[tuple[BatchNorm, GatedConv2D]]:
-        """(batch norm, the conv that feeds it)."""
-        pairs = [(self.stem_bn, self.stem_conv)]
-        for block in self.blocks:
-            pairs += list(zip(block.bns, block.convs))
-            if block.projection is not None:
-                pairs.append((block.projection_bn, block.projection))
-        return pairs
-
-
-def build_model(arch: str, num_classes: int, input_shape=None, sync_bn: bool = True) -> GatedResNet:
-    """Builds a gated ResNet by name ('resnet20'...'resnet110', 'resnet18'/'34'/'50')."""
-    return GatedResNet(arch, num_classes, input_shape=input_shape, sync_bn=sync_bn)
+def build_model(arch: str, num_classes: int, input_shape=None) -> keras.Model:
+    """A built-in ResNet by name ('resnet20'...'resnet110', 'resnet18'/'34'/'50')."""
+    return build_resnet(arch, num_classes, input_shape)

@@ -19,10 +19,12 @@ import os
 import time
 from typing import Callable
 
+import keras
 import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from ekg_tf.graph import keras_compat
 from ekg_tf.utils.io import atomic_write_json
 from ekg_tf.utils.progress import ProgressBar
 
@@ -93,8 +95,18 @@ class Trainer:
         return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
 
 
+def synchronize_batch_norm(model, strategy, enabled: bool = True) -> None:
+    """Keras BatchNormalization layers use the global batch's statistics when several
+    replicas train (`model.sync_bn`): N replicas then compute what one device computes.
+    On one replica they stay plain (the synchronised path computes E[x^2] - E[x]^2)."""
+    on = bool(enabled) and strategy.num_replicas_in_sync > 1
+    for layer in keras_compat.all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = on
+
+
 def _has_synchronized_bn(model) -> bool:
-    return any(getattr(layer, "synchronized", False) for layer in model._flatten_layers())
+    return any(getattr(layer, "synchronized", False) for layer in keras_compat.all_layers(model))
 
 
 @dataclasses.dataclass

@@ -14,30 +14,35 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from ekg_tf.config import resolve
 from ekg_tf.data import load_arrays, normalize, num_classes_for, reference_split_indices
 from ekg_tf.data.pipeline import input_fn
-from ekg_tf.models import build_model
-from ekg_tf.search import evaluator as ev
-from ekg_tf.search.adapt import adapt
-from ekg_tf.search.memory_bank import MemoryBank, build_memory_bank, select_teachers
-from ekg_tf.search.objective import knowledge_weight
-from ekg_tf.search.plots import save_search_plots
-from ekg_tf.search.search import EKGSearch, SearchSettings
-from ekg_tf.search.sliced import SlicedSubnetEvaluator
-from ekg_tf.search.state import load_state
+from ekg_tf.distribute import make_strategy
+from ekg_tf.graph.gated import GatedModel
+from ekg_tf.models.sources import model_from_config, model_identity, model_kind
+from ekg_tf.subnet_search import evaluator as ev
+from ekg_tf.subnet_search.adapt import adapt
+from ekg_tf.subnet_search.memory_bank import (MemoryBank, build_memory_bank,
+                                              teachers_from_history)
+from ekg_tf.subnet_search.plots import save_search_plots
+from ekg_tf.subnet_search.search import SearchSettings, search_subnetwork
+from ekg_tf.subnet_search.state import load_state
+from ekg_tf.slimming import bn_statistics, recalibrate_batch_norm, restore_bn_statistics
 from ekg_tf.utils.io import atomic_path, atomic_write_json
 from ekg_tf.utils.progress import ProgressBar
-from ekg_tf.weights import load_weights
 
 
 def _abs(path):
-    return os.path.abspath(path) if path else ""
+    """A file's absolute path (a keras.applications name stays as it is)."""
+    if not path or model_kind(path) == "application":
+        return path or ""
+    return os.path.abspath(path)
 
 
 def run_fingerprint(config) -> dict:
     """What must not change between a search and its resumption."""
     d, s = config.data, config.search
-    return {"arch": config.model.arch, "num_classes": num_classes_for(d),
+    return {"arch": model_identity(config), "num_classes": num_classes_for(d),
             "init": _abs(config.model.init), "data_source": d.source, "data_name": d.name,
             "train_path": _abs(d.train_path), "image_size": int(d.image_size),
             "val_per_class": int(d.val_per_class), "adapt": bool(s.adapt),
@@ -60,8 +65,9 @@ def _default_temperature(config):
 
 
 def _save_weights(model, path):
+    """The plain model's weights (a gated clone's are its model's)."""
     with atomic_path(path) as tmp:
-        model.save_weights(tmp)
+        getattr(model, "base", model).save_weights(tmp)
 
 
 def evaluate_test(model, config, log) -> dict:
@@ -78,22 +84,19 @@ def evaluate_test(model, config, log) -> dict:
     if n_cal > 0:
         train = load_arrays(data, "train")
         idx = rng.permutation(len(train))[:n_cal]
-        saved = ev.bn_statistics(model)
-        used = ev.recalibrate_batch_norm(model, _normalized(data, train.x[idx]),
-                                         min(bs, len(idx)))
+        saved = bn_statistics(model)
+        used = recalibrate_batch_norm(model, _normalized(data, train.x[idx]), bs)["images"]
         out["test_top1_bn_recalibrated"] = ev.top1(ev.batch_logits(model, x_test, bs, False),
                                                    y_test)
         out["bn_recalibration_train_images"] = used
-        ev.restore_bn_statistics(model, saved)
+        restore_bn_statistics(model, saved)
     log(f"test top-1 before fine-tuning: {out}")
     return out
 
 
 def _memory_bank(model, config, workdir, history, log) -> dict:
     s = config.search
-    entries = history[:-1]  # the final sub-network is not a teacher
-    chosen = select_teachers([e["loss"] for e in entries], int(s.num_teachers))
-    teachers = [entries[i] for i in chosen]
+    teachers = teachers_from_history(history, int(s.num_teachers))
     bank_dir = os.path.join(workdir, "memory_bank")
     dataset_fn, n = input_fn(config.data, "train", training=False,
                              global_batch_size=int(config.data.eval_batch_size),
@@ -121,9 +124,14 @@ def _memory_bank(model, config, workdir, history, log) -> dict:
     return meta
 
 
-def run_search(config, workdir: str, log=None, on_step=None) -> dict:
-    """Runs (or resumes) the search described by `config` in `workdir`; returns the result."""
+def run_search(config, workdir: str, log=None, on_step=None, strategy=None) -> dict:
+    """Runs (or resumes) the search described by `config` in `workdir`; returns the result.
+
+    The adaptation pass, the scoring and the candidate evaluations run under `strategy`
+    (default: `config.strategy`)."""
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    config = resolve(config)
+    strategy = strategy or make_strategy(config.strategy)
     tf.get_logger().setLevel("ERROR")  # tracing one function per start segment is by design
     t_start = time.time()
     settings = SearchSettings.from_config(config.search)
@@ -142,16 +150,13 @@ def run_search(config, workdir: str, log=None, on_step=None) -> dict:
         raise ValueError("the validation set is empty: data.val_per_class must be > 0 and the "
                          "training split must hold images of every class")
 
-    input_shape = (int(data.image_size), int(data.image_size), 3)
     keras.utils.set_random_seed(int(config.seed))  # same initial weights when init is empty
-    model = build_model(config.model.arch, num_classes_for(data), input_shape=input_shape,
-                        sync_bn=config.model.sync_bn)
-    if config.model.init:
-        load_weights(model, config.model.init)
+    with strategy.scope():
+        model = GatedModel(model_from_config(config), sync_bn=bool(config.model.sync_bn))
     weights_path = os.path.join(search_dir, "weights.weights.h5")
     adapt_info = {}
     if resuming and os.path.exists(weights_path):
-        model.load_weights(weights_path)
+        model.base.load_weights(weights_path)
         log(f"resuming: weights of the search loaded from {weights_path}")
     elif resuming and s.adapt:
         raise ValueError(f"{search_dir} holds a search state but not its adapted weights "
@@ -165,22 +170,19 @@ def run_search(config, workdir: str, log=None, on_step=None) -> dict:
             t0 = time.time()
             adapt_info = adapt(model, _normalized(data, train.x[ad_idx]), train.y[ad_idx],
                                learning_rate=float(s.adapt_learning_rate), batch_size=bs,
-                               weight_decay=float(s.adapt_weight_decay), progress=bar)
+                               weight_decay=float(s.adapt_weight_decay), progress=bar,
+                               strategy=strategy)
             bar.close()
             adapt_info["seconds"] = time.time() - t0
             log(f"adaptation pass: {adapt_info}")
         _save_weights(model, weights_path)
 
-    evaluator_cls = SlicedSubnetEvaluator if s.get("sliced", True) else ev.SubnetEvaluator
-    evaluator = evaluator_cls(model, val_x, val_y, int(s.batch_size),
-                              knowledge_weight=knowledge_weight(settings.objective),
-                              cache_prefix=bool(s.cache_prefix))
     writer = tf.summary.create_file_writer(os.path.join(search_dir, "tb"))
-    search = EKGSearch(model, evaluator, settings, search_dir, fingerprint, log=log,
-                       summary_writer=writer,
-                       rng_state={"seed": int(config.seed),
-                                  "numpy_pcg64": rng.bit_generator.state})
-    result = search.run(on_step=on_step)
+    result, evaluator = search_subnetwork(
+        model, val_x, val_y, settings, search_dir, strategy=strategy,
+        batch_size=int(s.batch_size), forward=str(s.forward), cache_prefix=bool(s.cache_prefix),
+        fingerprint=fingerprint, log=log, summary_writer=writer, on_step=on_step,
+        rng_state={"seed": int(config.seed), "numpy_pcg64": rng.bit_generator.state})
     spec_path = os.path.join(search_dir, "subnet.json")
     result.spec.to_json(spec_path)
     plots = save_search_plots(search_dir, result.history,

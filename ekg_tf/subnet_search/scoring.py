@@ -6,7 +6,7 @@ from typing import Callable, Mapping
 
 import numpy as np
 
-from ekg_tf.search.otsu import trimmed_otsu
+from ekg_tf.subnet_search.otsu import trimmed_otsu
 
 NOT_A_CANDIDATE = float("inf")
 
@@ -91,11 +91,20 @@ def candidate_rate(ratio_of: Callable[[Mapping[str, float]], float], rates: Mapp
 
 
 def l1_filter_scores(model) -> dict:
-    """L1-norm importance per gate group: sum of |weights| of every filter producing its channels
-    (convs whose output group it is), from the unmasked kernels."""
-    scores = {g.name: np.zeros(g.channels) for g in model.gate_groups}
-    for conv in model.conv_layers():
-        if conv.out_group is not None:
-            k = np.abs(conv.kernel.numpy()).reshape(-1, conv.kernel.shape[-1])
-            scores[conv.out_group.name] += k.sum(axis=0)
+    """L1-norm importance per gate group: the sum of |weights| of every filter producing its
+    channels (conv/dense/separable layers whose outputs the group holds), from the
+    unmasked kernels of a gated clone."""
+    dep = model.dependency
+    scores = {g.name: np.zeros(g.channels, np.float64) for g in model.gate_groups}
+    for node in dep.graph.nodes:
+        rule = dep.rule(node)
+        if not rule.produces:
+            continue
+        kernel = getattr(node.layer, rule.kernels[-1]).numpy().astype(np.float64)
+        norms = np.abs(kernel).reshape(-1, kernel.shape[-1]).sum(axis=0)
+        offset = 0
+        for name, size in dep.out_layout(node).segments:
+            if name is not None:
+                scores[name] += norms[offset:offset + size]
+            offset += size
     return scores

@@ -16,11 +16,12 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
-from ekg_tf.flops import ComplexityCounter, complexity_graph
-from ekg_tf.search import scoring
-from ekg_tf.search.objective import (check_objective, evaluate_logits, reward_key,
-                                     update_knowledge)
-from ekg_tf.search.state import SearchState, load_state, save_state
+from ekg_tf.flops import ComplexityCounter
+from ekg_tf.subnet_search import scoring
+from ekg_tf.subnet_search.evaluator import SubnetEvaluator
+from ekg_tf.subnet_search.objective import (check_objective, evaluate_logits, knowledge_weight,
+                                            reward_key, update_knowledge)
+from ekg_tf.subnet_search.state import SearchState, load_state, save_state
 from ekg_tf.subnet import SubnetSpec
 
 IMPORTANCES = ("taylor", "l1")
@@ -91,7 +92,7 @@ class EKGSearch:
         self.log = log or (lambda msg: None)
         self.writer = summary_writer
         self.rng_state = rng_state or {}
-        self.counter = ComplexityCounter(complexity_graph(model))
+        self.counter = ComplexityCounter(model.dependency)
         self.groups = list(model.gate_groups)
         self.steps = {g.name: scoring.step_size(g.channels, g.uses, settings.search_step)
                       for g in self.groups}
@@ -135,7 +136,7 @@ class EKGSearch:
         if floor > self.settings.target_ratio:
             raise ValueError(
                 f"search.target_ratio {self.settings.target_ratio} is unreachable: with every "
-                f"gate at its minimum width (one channel) {self.model.arch.name} keeps "
+                f"gate at its minimum width (one channel) {self.model.arch_name} keeps "
                 f"{floor:.4f} of its MACs; choose a target above that")
 
     # -- the loop
@@ -241,3 +242,17 @@ class EKGSearch:
         entry = self._entry(step, rates, metrics, group=g.name, candidates=int(marked.sum()),
                             seconds=time.time() - t0)
         return rates, entry, logits
+
+
+def search_subnetwork(model, images, labels, settings: SearchSettings, search_dir: str, *,
+                      strategy=None, batch_size: int = 256, forward: str = "sliced",
+                      cache_prefix: bool = True, fingerprint: dict | None = None, log=None,
+                      summary_writer=None, rng_state: dict | None = None, on_step=None):
+    """Runs (or resumes from `search_dir`) the EKG search of a gated clone on the validation
+    images; returns (SearchResult, the evaluator). The model ends at the found sub-network."""
+    evaluator = SubnetEvaluator(model, images, labels, batch_size, strategy=strategy,
+                                knowledge_weight=knowledge_weight(settings.objective),
+                                cache_prefix=cache_prefix, forward=forward)
+    search = EKGSearch(model, evaluator, settings, search_dir, fingerprint or {}, log=log,
+                       summary_writer=summary_writer, rng_state=rng_state)
+    return search.run(on_step=on_step), evaluator

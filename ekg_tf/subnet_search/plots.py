@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 
-from ekg_tf.models.gates import kept_count
+from ekg_tf.graph.gates import kept_count
 from ekg_tf.utils.plots import save_bar_plot, save_line_plot
 
 

@@ -75,6 +75,12 @@ def select_teachers(losses, num_teachers: int) -> list:
     return chosen
 
 
+def teachers_from_history(history: list, num_teachers: int) -> list:
+    """The history entries taught from (the final sub-network excluded), teacher 0 first."""
+    entries = history[:-1]
+    return [entries[i] for i in select_teachers([e["loss"] for e in entries], num_teachers)]
+
+
 # --------------------------------------------------------------------------- writing
 def bytes_per_image(num_classes: int, num_teachers: int, topk: int = 0) -> int:
     if topk and topk < num_classes:
@@ -140,8 +146,8 @@ def build_memory_bank(model, teachers: list, batches, num_examples: int, out_dir
     forward = tf.function(lambda x: model(x, training=True, freeze_bn_stats=True),
                           autograph=False)
     if sliced:  # each teacher at its real width: cost in proportion to its MACs
-        from ekg_tf.search.sliced import kept_indices_of, sliced_logits_fn
-        slim = sliced_logits_fn(model)
+        from ekg_tf.subnet_search.evaluator import kept_indices_of, subnet_logits_fn
+        slim = subnet_logits_fn(model)
         kept = [kept_indices_of(model, e) for e in teachers]
     t0 = time.time()
     buffers, filled = {}, {}
