@@ -2,7 +2,7 @@ from setuptools import find_packages, setup
 
 setup(
     name="ekg_tf",
-    version="0.1.0",
+    version="0.2.0",
     description="EKG filter pruning (ECCV 2022) for TensorFlow 2 / Keras 3, with deployment export",
     packages=find_packages(include=["ekg_tf", "ekg_tf.*", "export", "export.*"]),
     python_requires=">=3.10",

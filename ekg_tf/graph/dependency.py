@@ -156,7 +156,7 @@ class _Builder:
     def shape(self, tid: int) -> tuple:
         return self.graph.tensors[tid].shape
 
-    def _size(self, tid: int) -> int:
+    def channels_of(self, tid: int) -> int:
         shape = self.shape(tid)
         return int(shape[-1]) if len(shape) >= 2 and shape[-1] is not None else 1
 
@@ -165,7 +165,7 @@ class _Builder:
         produce the same channels)."""
         key = (id(node.layer), i)
         if key not in self.layer_atoms:
-            self.layer_atoms[key] = self.atoms.new(self._size(node.outputs[i]), node.name,
+            self.layer_atoms[key] = self.atoms.new(self.channels_of(node.outputs[i]), node.name,
                                                    node.kind)
         atom = self.layer_atoms[key]
         self.members.append((atom, Member(node.name, node.kind, "out")))
@@ -327,7 +327,7 @@ def build_dependency_graph(graph: TracedGraph) -> DependencyGraph:
     rules = [rules_lib.rule_for(node.layer) for node in graph.nodes]
     model_input = PinnedLayer("(input)", "InputLayer", "model input: its channels are data")
     for tid in graph.inputs:
-        atom = b.atoms.new(b._size(tid), graph.tensors[tid].name, "InputLayer")
+        atom = b.atoms.new(b.channels_of(tid), graph.tensors[tid].name, "InputLayer")
         b.atoms.pin(atom, model_input)
         b.layouts[tid] = Layout(((atom, b.atoms.size[atom]),))
     for node, rule in zip(graph.nodes, rules):

@@ -61,16 +61,29 @@ def application(name: str, input_shape, num_classes: int, weights: str = "") -> 
         raise ModelSourceError(f"keras.applications has no model {attr!r}; known: "
                                f"{', '.join(known)}")
     input_shape = tuple(int(d) for d in input_shape)
-    if weights == "imagenet" and num_classes != 1000:
-        # The ImageNet backbone in a model of the user's shape: new pooled dense head.
-        backbone = constructor(include_top=False, weights="imagenet", input_shape=input_shape)
-        inputs = keras.Input(input_shape, name="images")
-        x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(backbone(inputs))
-        logits = keras.layers.Dense(num_classes, name="logits")(x)
-        return keras.Model(inputs, logits, name=f"{backbone.name}_head{num_classes}")
-    model = constructor(include_top=True, weights="imagenet" if weights == "imagenet" else None,
-                        input_shape=input_shape, classes=num_classes,
-                        classifier_activation=None)
+    try:
+        if weights == "imagenet" and num_classes != 1000:
+            # The ImageNet backbone in a model of the user's shape: new pooled dense head.
+            backbone = constructor(include_top=False, weights="imagenet",
+                                   input_shape=input_shape)
+            inputs = keras.Input(input_shape, name="images")
+            x = keras.layers.GlobalAveragePooling2D(name="avg_pool")(backbone(inputs))
+            logits = keras.layers.Dense(num_classes, name="logits")(x)
+            return keras.Model(inputs, logits, name=f"{backbone.name}_head{num_classes}")
+        model = constructor(include_top=True,
+                            weights="imagenet" if weights == "imagenet" else None,
+                            input_shape=input_shape, classes=num_classes,
+                            classifier_activation=None)
+    except ValueError as e:  # Keras' own checks: input size, classes with weights
+        raise ModelSourceError(f"{attr}: {str(e).splitlines()[0][:300]}") from None
+    except Exception as e:  # the ImageNet weights download
+        if weights != "imagenet":
+            raise
+        raise ModelSourceError(
+            f"{attr}: could not get the ImageNet weights ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}); this needs network access. Without it, set "
+            "model.init_weights to a local .weights.h5 of this model (or leave it empty for "
+            "random weights)") from None
     if weights and weights != "imagenet":
         if not os.path.exists(weights):
             raise ModelSourceError(f"model.init_weights {weights!r} does not exist")
