@@ -1,6 +1,6 @@
 """A network that is not a ResNet, end to end on real data: keras.applications MobileNetV2.
 
-    python benchmarks/mobilenet_cifar.py [--workdir=runs/mbv2_cifar] [--train_epochs=15]
+    python benchmarks/mobilenet_cifar.py [--workdir=runs/mbv2_cifar] [--train_epochs=20]
 
 Runs the CLIs on the real CIFAR-10 files in ../shared, in one workdir (each stage
 resumes if interrupted: run the same command again):
@@ -43,7 +43,7 @@ def run(command: str, args: list) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workdir", default=os.path.join(REPO, "runs", "mbv2_cifar"))
-    p.add_argument("--train_epochs", type=int, default=15)
+    p.add_argument("--train_epochs", type=int, default=20)
     p.add_argument("--finetune_epochs", type=int, default=2)
     p.add_argument("--target", type=float, default=0.5)
     args = p.parse_args()

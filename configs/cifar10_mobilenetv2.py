@@ -14,7 +14,8 @@ from ekg_tf.config import reference_cifar_config
 def get_config():
     config = reference_cifar_config("resnet56", "cifar10")  # CIFAR data and EKG recipe
     config.model.init = "keras.applications.MobileNetV2"
-    config.train.epochs = 15
+    config.model.bn_momentum = 0.9  # Keras' 0.999 lags a 20-epoch run: test top-1 at chance
+    config.train.epochs = 20
     config.train.learning_rate = 0.05
     config.train.schedule = "cosine"
     config.train.weight_decay = 4e-5

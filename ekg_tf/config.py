@@ -15,6 +15,9 @@ def model_config():
         # whole model: "path/model.keras" (safe mode) or "keras.applications.<Name>".
         init="",
         init_weights="",        # keras.applications weights: "" (random), "imagenet", a .weights.h5
+        # > 0: the momentum of every BatchNormalization (0 keeps the model's own; e.g.
+        # keras.applications use 0.999, whose moving averages lag a short training run)
+        bn_momentum=0.0,
         sync_bn=True,           # all-reduce BN batch statistics over replicas
     ))
 

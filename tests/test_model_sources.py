@@ -64,3 +64,15 @@ def test_imagenet_weights_without_network_is_a_clear_error():
         pytest.skip("this machine has network: the ImageNet weights would download")
     with pytest.raises(ModelSourceError, match="ImageNet weights.*needs network.*init_weights"):
         model_from_config(config_for("keras.applications.MobileNetV2", "imagenet"))
+
+
+def test_bn_momentum_override():
+    config = config_for("keras.applications.MobileNetV2")
+    config.model.bn_momentum = 0.9
+    model = model_from_config(config)
+    momenta = {layer.momentum for layer in model.layers
+               if isinstance(layer, keras.layers.BatchNormalization)}
+    assert momenta == {0.9}
+    config.model.bn_momentum = 1.5
+    with pytest.raises(ModelSourceError, match="bn_momentum must be in"):
+        model_from_config(config)

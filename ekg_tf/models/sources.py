@@ -113,9 +113,23 @@ def build_from_config(config) -> keras.Model:
         raise ModelSourceError(str(e)) from None
 
 
+def set_batch_norm_momentum(model, momentum: float) -> None:
+    """Sets the moving-average momentum of every BatchNormalization in `model`."""
+    from ekg_tf.graph.keras_compat import all_layers
+    if not 0.0 < momentum < 1.0:
+        raise ModelSourceError(f"model.bn_momentum must be in (0, 1) (or 0 to keep the "
+                               f"model's own), got {momentum}")
+    for layer in all_layers(model):
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.momentum = float(momentum)
+
+
 def model_from_config(config, load_init: bool = True) -> keras.Model:
-    """`build_from_config` plus, for a built-in architecture, the weights of `model.init`."""
+    """`build_from_config` plus, for a built-in architecture, the weights of `model.init`,
+    and `model.bn_momentum`."""
     model = build_from_config(config)
+    if float(config.model.get("bn_momentum", 0.0) or 0.0):
+        set_batch_norm_momentum(model, float(config.model.bn_momentum))
     init = str(config.model.init or "")
     if load_init and init and model_kind(init) == "builtin":
         from ekg_tf.weights import load_weights
