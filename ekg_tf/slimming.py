@@ -118,9 +118,6 @@ class PlainForward(_Forward):
     def _is_pruned(self, layout) -> bool:
         return False
 
-    def _weights(self, node, cache):
-        return rules_lib.weight_variables(node)
-
 
 def _forward_of(model):
     if hasattr(model, "masked"):  # a gated clone: its current sub-network

@@ -61,6 +61,28 @@ class _Forward:
         return value
 
     def _weights(self, node, cache):
+        """The weights of a weighted node: each axis that follows a pruned group is cut
+        (`_cut`); a kernel with a cut axis is rescaled to its unpruned Frobenius norm
+        (`_rescale`, the reference's rule)."""
+        variables = rules_lib.weight_variables(node)
+        if node.index not in self._pruned_axes:
+            return dict(variables)
+        kernels = self.dep.rule(node).kernels
+        axes, layouts = self._pruned_axes[node.index]
+        out = {}
+        for name, var in variables.items():
+            w, cut = var, False
+            for axis, role in enumerate(axes[name]):
+                if role is not None and self._is_pruned(layouts[role]):
+                    w = self._cut(w, axis, layouts[role], cache)
+                    cut = True
+            out[name] = self._rescale(w, var) if cut and name in kernels else w
+        return out
+
+    def _cut(self, w, axis, layout, cache):
+        raise NotImplementedError
+
+    def _rescale(self, w, var):
         raise NotImplementedError
 
     def _at_gate(self, tid, value, cache):
@@ -122,28 +144,13 @@ class MaskedForward(_Forward):
             cache[key] = m
         return cache[key]
 
-    def _weights(self, node, cache):
-        rule = self.dep.rule(node)
-        variables = rules_lib.weight_variables(node)
-        if node.index not in self._pruned_axes:
-            return dict(variables)
-        axes, layouts = self._pruned_axes[node.index]
-        out = {}
-        for name, var in variables.items():
-            w = var
-            pruned = False
-            for axis, role in enumerate(axes[name]):
-                if role is None or not self._is_pruned(layouts[role]):
-                    continue
-                shape = [1] * len(var.shape)
-                shape[axis] = -1
-                w = w * tf.reshape(tf.cast(self.mask(layouts[role], cache), var.dtype), shape)
-                pruned = True
-            if pruned and name in rule.kernels:
-                # The reference: masked kernels keep the unmasked Frobenius norm.
-                w = tf.math.l2_normalize(w) * tf.norm(var)
-            out[name] = w
-        return out
+    def _cut(self, w, axis, layout, cache):
+        shape = [1] * len(w.shape)
+        shape[axis] = -1
+        return w * tf.reshape(tf.cast(self.mask(layout, cache), w.dtype), shape)
+
+    def _rescale(self, w, var):
+        return tf.math.l2_normalize(w) * tf.norm(var)
 
     def _channel_mask(self, node, cache):
         if isinstance(self.dep.rule(node), rules_lib.LayerNormRule) and node.index in \
@@ -178,25 +185,11 @@ class SlicedForward(_Forward):
             cache[key] = idx
         return cache[key]
 
-    def _weights(self, node, cache):
-        rule = self.dep.rule(node)
-        variables = rules_lib.weight_variables(node)
-        if node.index not in self._pruned_axes:
-            return dict(variables)
-        axes, layouts = self._pruned_axes[node.index]
-        out = {}
-        for name, var in variables.items():
-            w = var
-            pruned = False
-            for axis, role in enumerate(axes[name]):
-                if role is None or not self._is_pruned(layouts[role]):
-                    continue
-                w = tf.gather(w, self.indices(layouts[role], cache), axis=axis)
-                pruned = True
-            if pruned and name in rule.kernels:
-                w = w * (tf.norm(var) / tf.maximum(tf.norm(w), 1e-6))
-            out[name] = w
-        return out
+    def _cut(self, w, axis, layout, cache):
+        return tf.gather(w, self.indices(layout, cache), axis=axis)
+
+    def _rescale(self, w, var):
+        return w * (tf.norm(var) / tf.maximum(tf.norm(w), 1e-6))
 
     def _call_plain(self, node, rule, args, kwargs):
         return rule.sliced_call(node, args, kwargs)

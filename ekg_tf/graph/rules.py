@@ -310,8 +310,26 @@ class Weighted(Rule):
         return type(node.layer).from_config({**node.layer.get_config(), "name": name})
 
 
-def _activate(layer, y):
+def _bias_activation(layer, y, w):
+    """The end of a conv/dense layer's call: + bias, then its activation."""
+    if "bias" in w:
+        y = y + w["bias"]
     return y if layer.activation is None else layer.activation(y)
+
+
+def _convolution_problem(layer, layout) -> str | None:
+    """Why a convolution's channels cannot be followed, if they cannot."""
+    if not _channels_last(layer):
+        return "channels_first data format"
+    if getattr(layer, "groups", 1) != 1:
+        return f"grouped convolution (groups={layer.groups})"
+    if getattr(layer, "depth_multiplier", 1) != 1:
+        return f"depth_multiplier {layer.depth_multiplier} (only 1 is followed)"
+    if layer.padding == "causal":
+        return "causal padding"
+    if layout.tile != 1:
+        return "convolves a flattened feature map"
+    return None
 
 
 class ConvRule(Weighted):
@@ -320,16 +338,7 @@ class ConvRule(Weighted):
     produces = True
 
     def transfer(self, node, ins, ctx):
-        layer = node.layer
-        reason = None
-        if not _channels_last(layer):
-            reason = "channels_first data format"
-        elif getattr(layer, "groups", 1) != 1:
-            reason = f"grouped convolution (groups={layer.groups})"
-        elif layer.padding == "causal":
-            reason = "causal padding"
-        elif ins[0].tile != 1:
-            reason = "convolves a flattened feature map"
+        reason = _convolution_problem(node.layer, ins[0])
         if reason:
             return Unknown(reason).transfer(node, ins, ctx)
         ctx.consume(node, ins[0])
@@ -358,9 +367,7 @@ class ConvRule(Weighted):
                      else (layer.dilation_rate,) * rank)
         y = tf.nn.convolution(x, w["kernel"], strides=list(strides),
                               padding=layer.padding.upper(), dilations=list(dilations))
-        if "bias" in w:
-            y = y + w["bias"]
-        return _activate(layer, y)
+        return _bias_activation(layer, y, w)
 
     def rebuild(self, node, in_width, out_width, name):
         config = {**node.layer.get_config(), "name": name, "filters": int(out_width)}
@@ -392,36 +399,23 @@ class DenseRule(Weighted):
             y = tf.matmul(x, w["kernel"])
         else:
             y = tf.tensordot(x, w["kernel"], [[len(x.shape) - 1], [0]])
-        if "bias" in w:
-            y = y + w["bias"]
-        return _activate(node.layer, y)
+        return _bias_activation(node.layer, y, w)
 
     def rebuild(self, node, in_width, out_width, name):
         config = {**node.layer.get_config(), "name": name, "units": int(out_width)}
         return type(node.layer).from_config(config)
 
 
-class DepthwiseRule(Weighted):
+class DepthwiseRule(ConvRule):
     """DepthwiseConv with depth_multiplier 1: one filter per channel (in = out)."""
-    kernels = ("kernel",)
+    produces = False
+    rebuild = Weighted.rebuild  # the width follows the input: nothing to set
 
     def transfer(self, node, ins, ctx):
-        layer = node.layer
-        reason = None
-        if not _channels_last(layer):
-            reason = "channels_first data format"
-        elif layer.depth_multiplier != 1:
-            reason = f"depth_multiplier {layer.depth_multiplier} (only 1 is followed)"
-        elif layer.padding == "causal":
-            reason = "causal padding"
-        elif ins[0].tile != 1:
-            reason = "convolves a flattened feature map"
+        reason = _convolution_problem(node.layer, ins[0])
         if reason:
             return Unknown(reason).transfer(node, ins, ctx)
         return [ins[0]]
-
-    def weight_names(self, layer):
-        return ["kernel"] + (["bias"] if layer.use_bias else [])
 
     def weight_axes(self, node):
         rank = len(node.layer.kernel.shape)
@@ -445,23 +439,12 @@ class DepthwiseRule(Weighted):
             y = tf.nn.depthwise_conv2d(x, kernel, strides=[1, *layer.strides, 1],
                                        padding=layer.padding.upper(),
                                        dilations=list(layer.dilation_rate))
-        if "bias" in w:
-            y = y + w["bias"]
-        return _activate(layer, y)
+        return _bias_activation(layer, y, w)
 
 
-class SeparableRule(Weighted):
+class SeparableRule(ConvRule):
     """SeparableConv2D with depth_multiplier 1: depthwise (in = in), then pointwise (in -> out)."""
     kernels = ("depthwise_kernel", "pointwise_kernel")
-    produces = True
-
-    def transfer(self, node, ins, ctx):
-        layer = node.layer
-        if layer.depth_multiplier != 1 or not _channels_last(layer) or ins[0].tile != 1:
-            return Unknown("separable convolution with depth_multiplier > 1 or channels "
-                           "first").transfer(node, ins, ctx)
-        ctx.consume(node, ins[0])
-        return [ctx.new_atom(node, 0)]
 
     def weight_names(self, layer):
         return ["depthwise_kernel", "pointwise_kernel"] + (["bias"] if layer.use_bias else [])
@@ -484,13 +467,7 @@ class SeparableRule(Weighted):
                                    strides=[1, *layer.strides, 1],
                                    padding=layer.padding.upper(),
                                    dilations=list(layer.dilation_rate))
-        if "bias" in w:
-            y = y + w["bias"]
-        return _activate(layer, y)
-
-    def rebuild(self, node, in_width, out_width, name):
-        config = {**node.layer.get_config(), "name": name, "filters": int(out_width)}
-        return type(node.layer).from_config(config)
+        return _bias_activation(layer, y, w)
 
 
 class BatchNormRule(Weighted):
