@@ -165,6 +165,28 @@ def test_random_subnetworks_slim_and_count_exactly(case):
             g.rate = 1.0
 
 
+def test_layers_followed_only_in_part_pin_their_channels_with_the_reason():
+    """BN over another axis, a grouped conv and a softmax over channels are known layers
+    whose channels cannot be followed: pinned, listed, and the model still runs as is."""
+    L = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = L.BatchNormalization(axis=1, name="bn_rows")(L.Conv2D(8, 3, name="c1")(inputs))
+    x = L.ReLU()(L.Conv2D(8, 3, groups=2, name="grouped")(x))
+    x = L.ReLU()(L.Conv2D(6, 1, name="free")(x))
+    x = L.Softmax(name="channel_softmax")(L.Conv2D(4, 1, name="c4")(x))
+    model = keras.Model(inputs, L.Dense(2)(L.GlobalAveragePooling2D()(x)))
+    gated = GatedModel(model)
+    reasons = {p.layer: p.reason for p in gated.dependency.pinned}
+    assert "other than the channels" in reasons["bn_rows"]
+    assert "grouped convolution" in reasons["grouped"]
+    assert "across channels" in reasons["channel_softmax"]
+    assert [g.name for g in gated.gate_groups] == ["free"]  # the one group left prunable
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
+    close(model(x), gated(x), 1e-5, "gated vs original")
+    gated.gate_group("free").rate = 0.5
+    close(gated(x), slim_model(gated)(x), 1e-4, "slimmed vs gated")
+
+
 # ----------------------------------------------------------------------------- bad inputs
 def test_subclassed_model_says_what_is_supported():
     class Net(keras.Model):

@@ -259,16 +259,6 @@ class DependencyGraph:
     def rule(self, node):
         return self.rules[node.index]
 
-    def pruned_layers(self) -> list:
-        """Nodes whose weights follow a prunable group."""
-        names = {g.name for g in self.groups}
-        out = []
-        for node in self.graph.nodes:
-            layouts = [self.layouts[t] for t in node.inputs + node.outputs]
-            if any(k in names for layout in layouts for k in layout.keys()):
-                out.append(node)
-        return out
-
     def summary(self) -> str:
         """A readable table of the groups and the pins."""
         lines = [f"{self.model_name}: {len(self.groups)} prunable channel groups, "
@@ -321,6 +311,16 @@ def _place_gates(graph: TracedGraph, b: _Builder, rules: list) -> dict:
     return gated
 
 
+def _checked_rule(rule, node, ins, b: _Builder):
+    """`rule`, or an `Unknown` rule (pinning the channels) when it cannot follow this call."""
+    if not ins:
+        return rules_lib.Unknown("has no tensor input")
+    if len(node.outputs) != 1 and not isinstance(rule, rules_lib.Unknown):
+        return rules_lib.Unknown(f"{node.kind} has {len(node.outputs)} outputs")
+    reason = rule.problem(node, ins, b)
+    return rules_lib.Unknown(reason) if reason else rule
+
+
 def build_dependency_graph(graph: TracedGraph) -> DependencyGraph:
     """Follows the channels of a traced graph (see the module docstring)."""
     b = _Builder(graph)
@@ -330,15 +330,10 @@ def build_dependency_graph(graph: TracedGraph) -> DependencyGraph:
         atom = b.atoms.new(b.channels_of(tid), graph.tensors[tid].name, "InputLayer")
         b.atoms.pin(atom, model_input)
         b.layouts[tid] = Layout(((atom, b.atoms.size[atom]),))
-    for node, rule in zip(graph.nodes, rules):
+    for node in graph.nodes:
         ins = [b.layouts[t] for t in node.inputs]
-        if not ins:
-            outs = rules_lib.Unknown("has no tensor input").transfer(node, ins, b)
-        else:
-            outs = rule.transfer(node, ins, b)
-        if len(outs) != len(node.outputs):  # several outputs: only unknown layers have them
-            outs = rules_lib.Unknown(f"{node.kind} has {len(node.outputs)} outputs"
-                                     ).transfer(node, ins, b)
+        rule = rules[node.index] = _checked_rule(rules[node.index], node, ins, b)
+        outs = rule.transfer(node, ins, b)
         for tid, layout in zip(node.outputs, outs):
             b.layouts[tid] = layout
         _add_members(b, node, rule, ins, outs)

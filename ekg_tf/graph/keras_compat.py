@@ -56,12 +56,6 @@ def node_outputs(node) -> list:
     return list(node.outputs)
 
 
-def call_argument_structure(node):
-    """The positional and keyword arguments of a recorded call, as recorded
-    (`Node.arguments.args` / `.kwargs`, private)."""
-    return node.arguments.args, node.arguments.kwargs
-
-
 def accepts_training(layer) -> bool:
     """Whether `layer.call` takes a `training` argument (Keras' private
     `_call_has_training_arg`, which is how Keras itself decides to pass it)."""

@@ -97,7 +97,12 @@ class Rule:
     weighted = False          # per-channel weights: apply/rebuild/weight_axes below
     produces = False          # its outputs are new channels (conv, dense)
 
+    def problem(self, node, ins, ctx) -> str | None:
+        """Why this call's channels cannot be followed (it is then an `Unknown`), if so."""
+        return None
+
     def transfer(self, node, ins, ctx) -> list:
+        """The output layouts (`problem` is None)."""
         raise NotImplementedError
 
     def clean(self, node, ins_clean) -> bool:
@@ -152,12 +157,12 @@ class Spatial(Channelwise):
         self.zero_preserving = zero_preserving
         self.exit = exit
 
-    def transfer(self, node, ins, ctx):
+    def problem(self, node, ins, ctx):
         if not _channels_last(node.layer):
-            return Unknown("channels_first data format").transfer(node, ins, ctx)
+            return "channels_first data format"
         if ins[0].tile != 1:
-            return Unknown("acts on a flattened feature map").transfer(node, ins, ctx)
-        return [ins[0]]
+            return "acts on a flattened feature map"
+        return None
 
 
 class ActivationRule(Channelwise):
@@ -211,13 +216,19 @@ class ConcatenateRule(Rule):
     exit = True
     zero_preserving = True
 
-    def transfer(self, node, ins, ctx):
+    def problem(self, node, ins, ctx):
+        if self._on_channels(node, ctx) and any(layout.tile != 1 for layout in ins):
+            return "concatenates flattened feature maps"
+        return None
+
+    @staticmethod
+    def _on_channels(node, ctx) -> bool:
         rank = len(ctx.shape(node.inputs[0]))
-        axis = node.layer.axis % rank
-        if axis != rank - 1:  # joined along another axis: channels tied like Add
+        return node.layer.axis % rank == rank - 1
+
+    def transfer(self, node, ins, ctx):
+        if not self._on_channels(node, ctx):  # joined along another axis: tied like Add
             return Merge().transfer(node, ins, ctx)
-        if any(layout.tile != 1 for layout in ins):
-            return Unknown("concatenates flattened feature maps").transfer(node, ins, ctx)
         out = ins[0]
         for layout in ins[1:]:
             out = out.concat(layout)
@@ -228,13 +239,15 @@ class FlattenRule(Rule):
     exit = True
     zero_preserving = True
 
-    def transfer(self, node, ins, ctx):
-        shape = ctx.shape(node.inputs[0])
+    def problem(self, node, ins, ctx):
         if not _channels_last(node.layer):
-            return Unknown("channels_first data format").transfer(node, ins, ctx)
-        count = positions(shape)
-        if count < 0:
-            return Unknown("flattens a feature map of unknown size").transfer(node, ins, ctx)
+            return "channels_first data format"
+        if positions(ctx.shape(node.inputs[0])) < 0:
+            return "flattens a feature map of unknown size"
+        return None
+
+    def transfer(self, node, ins, ctx):
+        count = positions(ctx.shape(node.inputs[0]))
         return [Layout(ins[0].segments, ins[0].tile * count)]
 
     def sliced_call(self, node, args, kwargs):
@@ -255,13 +268,16 @@ class ReshapeRule(Rule):
             return "flatten"
         return None
 
-    def transfer(self, node, ins, ctx):
+    def problem(self, node, ins, ctx):
         kind = self._kind(node, ctx)
-        if kind == "keep" and ins[0].tile == 1:
+        if kind == "flatten" or (kind == "keep" and ins[0].tile == 1):
+            return None
+        return "reshape that moves channels to other axes"
+
+    def transfer(self, node, ins, ctx):
+        if self._kind(node, ctx) == "keep":
             return [ins[0]]
-        if kind == "flatten":
-            return FlattenRule.transfer(self, node, ins, ctx)
-        return Unknown("reshape that moves channels to other axes").transfer(node, ins, ctx)
+        return FlattenRule.transfer(self, node, ins, ctx)
 
     def sliced_call(self, node, args, kwargs):
         x = args[0]
@@ -337,10 +353,10 @@ class ConvRule(Weighted):
     kernels = ("kernel",)
     produces = True
 
+    def problem(self, node, ins, ctx):
+        return _convolution_problem(node.layer, ins[0])
+
     def transfer(self, node, ins, ctx):
-        reason = _convolution_problem(node.layer, ins[0])
-        if reason:
-            return Unknown(reason).transfer(node, ins, ctx)
         ctx.consume(node, ins[0])
         return [ctx.new_atom(node, 0)]
 
@@ -412,9 +428,6 @@ class DepthwiseRule(ConvRule):
     rebuild = Weighted.rebuild  # the width follows the input: nothing to set
 
     def transfer(self, node, ins, ctx):
-        reason = _convolution_problem(node.layer, ins[0])
-        if reason:
-            return Unknown(reason).transfer(node, ins, ctx)
         return [ins[0]]
 
     def weight_axes(self, node):
@@ -473,13 +486,15 @@ class SeparableRule(ConvRule):
 class BatchNormRule(Weighted):
     exit = False
 
-    def transfer(self, node, ins, ctx):
+    def problem(self, node, ins, ctx):
         layer = node.layer
         rank = len(ctx.shape(node.inputs[0]))
         axis = layer.axis if isinstance(layer.axis, int) else layer.axis[0]
         if axis % rank != rank - 1 or ins[0].tile != 1:
-            return Unknown("batch normalisation over an axis other than the channels"
-                           ).transfer(node, ins, ctx)
+            return "batch normalisation over an axis other than the channels"
+        return None
+
+    def transfer(self, node, ins, ctx):
         return [ins[0]]
 
     def weight_names(self, layer):
@@ -512,14 +527,16 @@ class LayerNormRule(Weighted):
     """LayerNormalization over the channel axis; statistics over the kept channels."""
     exit = False
 
-    def transfer(self, node, ins, ctx):
+    def problem(self, node, ins, ctx):
         layer = node.layer
         rank = len(ctx.shape(node.inputs[0]))
         axes = [a % rank for a in (layer.axis if isinstance(layer.axis, (list, tuple))
                                    else [layer.axis])]
         if axes != [rank - 1] or ins[0].tile != 1 or getattr(layer, "rms_scaling", False):
-            return Unknown("layer normalisation over other axes than the channels alone"
-                           ).transfer(node, ins, ctx)
+            return "layer normalisation over other axes than the channels alone"
+        return None
+
+    def transfer(self, node, ins, ctx):
         return [ins[0]]
 
     def weight_names(self, layer):

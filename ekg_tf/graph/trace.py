@@ -64,12 +64,6 @@ class TracedGraph:
     outputs: tuple          # tensor ids of the model outputs
     consumers: dict = dataclasses.field(default_factory=dict)  # tensor id -> [node index]
 
-    def node(self, name: str) -> GraphNode:
-        for node in self.nodes:
-            if node.name == name:
-                return node
-        raise KeyError(f"no layer {name!r} in the traced graph of {self.name!r}")
-
     def live_tensors(self, start: int) -> tuple:
         """Tensor ids computed before node `start` and still needed from it on."""
         live = []
@@ -123,7 +117,6 @@ class _Tracer:
             in_ids = [ids[id(kt)] for kt in in_kts]
             inner = compat.functional_of(layer)
             if inner is not None and isinstance(layer, keras.Model):
-                args, _ = compat.call_argument_structure(knode)
                 if len(in_kts) != len(inner.inputs):
                     raise UnsupportedModelError(
                         f"nested model {layer.name!r} is called with {len(in_kts)} tensors "
