@@ -3,11 +3,14 @@
     python benchmarks/search_speed.py                      # whole search to target 0.45
     python benchmarks/search_speed.py --max_steps=5 --modes=sliced,masked,masked_nocache
     python benchmarks/search_speed.py --memory_bank --out=/tmp/search.json   # + memory bank
+    python benchmarks/search_speed.py --compare=/tmp/before.json  # same channels as before?
 
 With `--memory_bank` the 5-teacher memory bank of the searched sub-network is built over
 the 50,000 training images (as ekg-search does) and timed. `--out` writes each mode's
 result as JSON with the kept output channels of every conv/dense layer (keyed by layer
-name), so that two versions of the code can be compared channel by channel.
+name); `--compare` reads such a file (of another version of the code, same modes) and
+prints, per mode, whether the same steps were taken and the same channels kept in every
+layer the two have in common.
 
 Prints a table: warm-up (tracing) time, seconds per step, candidates per step, total
 search time, and the retrace count after warm-up (must be 0). Modes name the
@@ -124,6 +127,7 @@ def main():
     p.add_argument("--memory_bank", action="store_true",
                    help="also build and time the 5-teacher memory bank of the result")
     p.add_argument("--out", default="", help="write the results (with kept channels) as JSON")
+    p.add_argument("--compare", default="", help="an --out file to compare kept channels with")
     args = p.parse_args()
     if not os.path.exists(os.path.join(SHARED, "reference", "res56_cifar10.npz")):
         sys.exit(f"needs {SHARED}/reference/res56_cifar10.npz and {SHARED}/data/cifar10")
@@ -143,6 +147,26 @@ def main():
                                 for c in cols) + " |")
     print("| reference (spec s.9) | - | 77 | 18.5 | 18.2 | 11-18 | ~1.2 | 1426 | 331-444 | 0.449 "
           "| - |")
+    if args.compare:
+        compare(rows, args.compare)
+
+
+def compare(rows, path):
+    """Per mode: steps, MACs ratio and kept channels against another run's --out file."""
+    import json
+    with open(path) as f:
+        other = {r["mode"]: r for r in json.load(f)}
+    for r in rows:
+        o = other.get(r["mode"])
+        if o is None:
+            print(f"{r['mode']}: not in {path}")
+            continue
+        common = sorted(set(r["kept_channels"]) & set(o["kept_channels"]))
+        differ = [n for n in common if r["kept_channels"][n] != o["kept_channels"][n]]
+        print(f"{r['mode']} vs {path}: steps {r['steps']} vs {o['steps']}, MACs ratio "
+              f"{r['macs_ratio']:.6f} vs {o['macs_ratio']:.6f}, same kept channels in "
+              f"{len(common) - len(differ)} of {len(common)} layers"
+              + (f"; differ: {differ}" if differ else ""))
 
 
 if __name__ == "__main__":

@@ -120,6 +120,10 @@ def search(model, data, target_macs: float = 0.45, *, adapt_data=None,
     settings = SearchSettings(target_ratio=float(target_macs), search_step=search_step,
                               objective=objective, importance=importance, max_steps=max_steps)
     x, y = as_arrays(data, "data", gated.base)
+    # BN uses batch statistics in the search: mixed classes in every batch (data sorted by
+    # class would give single-class batches).
+    order = np.random.default_rng(0).permutation(len(x))
+    x, y = x[order], y[order]
     if adapt_data is not None:
         ax, ay = as_arrays(adapt_data, "adapt_data", gated.base)
         info = adapt(gated, ax, ay, learning_rate=adapt_learning_rate,
@@ -175,7 +179,9 @@ def _memory_bank(gated, history, mode, num_teachers, x, y, directory, temperatur
     if mode == "plain":
         return None
     teachers = [history[0]] if mode == "kd" else teachers_from_history(history, num_teachers)
-    batches = ((x[i:i + 256], y[i:i + 256], np.arange(i, min(i + 256, len(x))))
+    # Teachers run with BN batch statistics: batches of mixed classes, rows kept by index.
+    order = np.random.default_rng(0).permutation(len(x))
+    batches = ((x[order[i:i + 256]], y[order[i:i + 256]], order[i:i + 256])
                for i in range(0, len(x), 256))
     build_memory_bank(gated, teachers, batches, len(x), directory, temperature=temperature)
     return MemoryBank.open(directory)
@@ -229,7 +235,8 @@ def prune(model, train_data, val_data, target_macs: float = 0.45, *, epochs: int
         with strategy.scope():
             small = slim_model(gated, spec, name=f"{gated.arch_name}_pruned")
         train.synchronize_batch_norm(small, strategy)
-        recalibrate_batch_norm(small, tx[:4096])
+        sample = np.random.default_rng(seed).permutation(len(tx))[:4096]
+        recalibrate_batch_norm(small, tx[sample])  # training images, mixed classes
         cfg = _data_config(tx)
         eval_fn, _ = input_fn(cfg, "test", False, 256, arrays=ArraySplit(vx, vy))
         eval_step = train.make_eval_step(small, strategy)
