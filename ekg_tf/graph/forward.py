@@ -42,8 +42,7 @@ class _Forward:
             if not rule.weighted:
                 continue
             layouts = {IN: dependency.in_layout(node), OUT: dependency.out_layout(node)}
-            axes = {name: tuple(role for role in roles)
-                    for name, roles in rule.weight_axes(node).items()}
+            axes = rule.weight_axes(node)
             touched = any(self._is_pruned(layouts[r]) for roles in axes.values()
                           for r in roles if r)
             if touched:
@@ -51,14 +50,6 @@ class _Forward:
 
     def _is_pruned(self, layout) -> bool:
         return any(key in self.prunable for key in layout.keys())
-
-    # -- per call state
-    def _layout_value(self, layout, per_group, full):
-        """Concatenates per-segment values (a group's value, else `full(size)`)."""
-        parts = [per_group(key) if key in self.prunable else full(size)
-                 for key, size in layout.segments]
-        value = parts[0] if len(parts) == 1 else tf.concat(parts, 0)
-        return value
 
     def _weights(self, node, cache):
         """The weights of a weighted node: each axis that follows a pruned group is cut
@@ -135,10 +126,13 @@ class MaskedForward(_Forward):
         self.groups = groups
 
     def mask(self, layout, cache):
+        """The mask along a layout: its groups' masks, ones for pinned segments (cached
+        per forward call)."""
         key = ("mask", layout)
         if key not in cache:
-            m = self._layout_value(layout, lambda g: self.groups[g].mask_variable,
-                                   lambda size: tf.ones([size], tf.float32))
+            parts = [self.groups[name].mask_variable if name in self.prunable
+                     else tf.ones([size], tf.float32) for name, size in layout.segments]
+            m = parts[0] if len(parts) == 1 else tf.concat(parts, 0)
             if layout.tile > 1:
                 m = tf.tile(m, [layout.tile])
             cache[key] = m

@@ -18,6 +18,7 @@ from ekg_tf.config import resolve
 from ekg_tf.data import load_arrays, normalize, num_classes_for, reference_split_indices
 from ekg_tf.data.pipeline import input_fn
 from ekg_tf.distribute import make_strategy
+from ekg_tf.finetune.runner import resolve_temperature
 from ekg_tf.graph.gated import GatedModel
 from ekg_tf.models.sources import model_from_config, model_identity, model_kind
 from ekg_tf.subnet_search import evaluator as ev
@@ -55,13 +56,6 @@ def run_fingerprint(config) -> dict:
 
 def _normalized(data_cfg, images):
     return normalize(images, data_cfg.get("normalization") or data_cfg.name).numpy()
-
-
-def _default_temperature(config):
-    t = float(config.finetune.get("temperature", 0.0) or 0.0)
-    if t > 0:
-        return t
-    return 10.0 if num_classes_for(config.data) >= 1000 else 4.0
 
 
 def _save_weights(model, path):
@@ -118,7 +112,7 @@ def _memory_bank(model, config, workdir, history, log) -> dict:
     meta = build_memory_bank(model, teachers, batches, n, bank_dir,
                              shard_size=int(s.memory_bank_shard_size),
                              topk=int(s.memory_bank_topk or 0),
-                             temperature=_default_temperature(config), progress=bar,
+                             temperature=resolve_temperature(config), progress=bar,
                              extra_meta={"split": "train", "data": config.data.name})
     bar.close()
     return meta
