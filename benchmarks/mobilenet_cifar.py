@@ -29,7 +29,7 @@ TEST = os.path.join(SHARED, "data", "cifar10", "cifar10_test1000_lossless.npz")
 def run(command: str, args: list) -> dict:
     """Runs one ekg-* CLI (as a module of this checkout); returns its final JSON line."""
     module = {"ekg-train": "ekg_tf.cli.train", "ekg-search": "ekg_tf.cli.search",
-              "ekg-finetune": "ekg_tf.cli.finetune", "ekg-export": "export.cli"}[command]
+              "ekg-finetune": "ekg_tf.cli.finetune", "ekg-export": "ekg_tf.export.cli"}[command]
     print(f"$ {command} {' '.join(args)}", file=sys.stderr, flush=True)
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, stdout=subprocess.PIPE,
                           env=dict(os.environ, PYTHONPATH=REPO), text=True)

@@ -301,7 +301,7 @@ def export(model: keras.Model, export_dir: str, formats=("saved_model", "tflite"
     `export_report.json`/`.md`); `report["status"]` is "ok" when every artifact passes.
     """
     from ekg_tf.data.preprocessing import Normalization, normalization_for
-    from export.exporter import ExportRequest, export_all
+    from ekg_tf.export.exporter import ExportRequest, export_all
     if isinstance(normalization, str):
         normalization = normalization_for(normalization)
     normalization = normalization or Normalization((0.0,) * 3, (1.0,) * 3)

@@ -20,7 +20,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from absl import flags  # noqa: E402
 
 from ekg_tf.cli import common  # noqa: E402
-from export.weights_io import find_weights, load_slim, sample_indices  # noqa: E402
+from ekg_tf.export.weights_io import find_weights, load_slim, sample_indices  # noqa: E402
 
 FLAGS = common.define_flags()
 flags.DEFINE_string("formats", "saved_model,tflite,onnx",
@@ -46,7 +46,7 @@ def main(argv):
     from ekg_tf.flops import ComplexityCounter
     from ekg_tf.slimming import recalibrate_batch_norm, slim_model
     from ekg_tf.subnet import SubnetSpec
-    from export import exporter, int8_calibration, saved_model as sm, tflite
+    from ekg_tf.export import exporter, int8_calibration, saved_model as sm, tflite
 
     ecfg = config.export
     # Validate every cheap input before any heavy work.
@@ -135,7 +135,7 @@ def _write_summaries(report: dict, directory: str):
     """TensorBoard text/scalars and a PNG latency bar plot of the report."""
     import tensorflow as tf
     from ekg_tf.utils.plots import save_bar_plot
-    from export.report import markdown
+    from ekg_tf.export.report import markdown
     arts = [a for a in report["artifacts"] if a.get("latency_ms")]
     save_bar_plot(os.path.join(directory, "latency.png"), [a["name"] for a in arts],
                   {f"batch {b}": [a["latency_ms"][f"batch{b}"] for a in arts] for b in (1, 32)},

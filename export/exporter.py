@@ -25,7 +25,7 @@ import keras
 
 from ekg_tf.slimming import fold_batch_norm
 from ekg_tf.utils.io import atomic_path, atomic_write_text
-from export import (int8_calibration, onnx_export, report as report_lib, saved_model as sm,
+from ekg_tf.export import (int8_calibration, onnx_export, report as report_lib, saved_model as sm,
                     tflite, verify)
 
 FORMATS = ("saved_model", "tflite", "onnx")

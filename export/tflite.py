@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from export import int8_calibration
+from ekg_tf.export import int8_calibration
 
 QUANT_MODES = ("none", "float16", "dynamic", "int8")
 

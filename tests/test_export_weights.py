@@ -13,7 +13,7 @@ from ekg_tf.graph.gated import GatedModel  # noqa: E402
 from ekg_tf.models import build_model  # noqa: E402
 from ekg_tf.slimming import slim_model  # noqa: E402
 from ekg_tf.subnet import SubnetSpec  # noqa: E402
-from export.weights_io import find_weights, load_slim  # noqa: E402
+from ekg_tf.export.weights_io import find_weights, load_slim  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from ekg_tf.models import build_model  # noqa: E402
 from ekg_tf.slimming import (batch_norm_layers, fold_batch_norm, recalibrate_batch_norm,  # noqa: E402
                          slim_model)
 from ekg_tf.subnet import SubnetSpec  # noqa: E402
-from export.subnets import l1_uniform_subnet  # noqa: E402
+from ekg_tf.export.subnets import l1_uniform_subnet  # noqa: E402
 
 ALLOWED = {"InputLayer", "Conv2D", "BatchNormalization", "ReLU", "Add", "MaxPooling2D",
            "GlobalAveragePooling2D", "Dense"}
