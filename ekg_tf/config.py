@@ -130,10 +130,31 @@ def export_config():
     ))
 
 
+# Batch sizes that must be positive (finetune.batch_size may be 0: data.batch_size).
+POSITIVE_KEYS = ("data.batch_size", "data.eval_batch_size", "search.batch_size",
+                 "search.adapt_batch_size")
+NON_NEGATIVE_KEYS = ("finetune.batch_size",)
+
+
+def check(config):
+    """Refuses values no stage can run with (a UserError naming the key)."""
+    from ekg_tf.errors import UserError
+    for keys, ok, what in ((POSITIVE_KEYS, lambda v: v > 0, "> 0"),
+                           (NON_NEGATIVE_KEYS, lambda v: v >= 0, ">= 0 (0: data.batch_size)")):
+        for key in keys:
+            section, name = key.split(".")
+            if section in config and name in config[section]:
+                value = config[section][name]
+                if not isinstance(value, int) or not ok(value):
+                    raise UserError(f"{key} must be an integer {what}, got {value!r}")
+
+
 def resolve(config):
-    """Fills derived defaults in place: a keras.applications model's inputs are normalised
-    with its own preprocessing unless data.normalization says otherwise."""
+    """Checks `config` and fills derived defaults in place: a keras.applications model's
+    inputs are normalised with its own preprocessing unless data.normalization says
+    otherwise."""
     from ekg_tf.data.preprocessing import APPLICATIONS_PREFIX
+    check(config)
     init = str(config.model.get("init", "") or "")
     if not config.data.get("normalization") and init.startswith(APPLICATIONS_PREFIX):
         config.data.normalization = init

@@ -17,6 +17,7 @@ Reported numbers:
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import dataclasses
 from typing import Mapping
 
@@ -99,7 +100,7 @@ class ComplexityCounter:
                      OUT: width_index(dependency.out_layout(node))}
             for coef, factors in rule.macs_terms(node, _Shapes(graph)):
                 if coef < 0:
-                    raise ValueError(f"{node.name}: the model needs a fixed input size to "
+                    raise UserError(f"{node.name}: the model needs a fixed input size to "
                                      "count its multiply-adds (build it with keras.Input(shape="
                                      "(H, W, C)))")
                 self.macs_terms.add(coef, [roles[f] for f in factors])

@@ -12,6 +12,7 @@ status, size, diff and latency, and exits 1 when an artifact fails its tolerance
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import os
 import sys
 
@@ -56,12 +57,12 @@ def main(argv):
     int8_calibration.check_calibration(ecfg.int8_calibration)
     subnet_path = FLAGS.subnet or os.path.join(workdir, "search", "subnet.json")
     if not os.path.exists(subnet_path):
-        raise FileNotFoundError(f"no search result at {subnet_path}: run ekg-search first "
+        raise UserError(f"no search result at {subnet_path}: run ekg-search first "
                                 "(or pass --subnet=path/to/subnet.json)")
     spec = SubnetSpec.from_json(subnet_path)
     rep_path = FLAGS.representative_data or ecfg.representative_path
     if rep_path and not os.path.exists(rep_path):
-        raise FileNotFoundError(f"representative dataset {rep_path!r} does not exist "
+        raise UserError(f"representative dataset {rep_path!r} does not exist "
                                 "(an .npz with uint8 training images 'x')")
     weights, fine_tuned = find_weights(workdir, FLAGS.weights, config.model.init)
     export_dir = FLAGS.export_dir or os.path.join(workdir, "export")

@@ -13,6 +13,7 @@ weights fingerprint) may be re-exported into it.
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import dataclasses
 import json
 import os
@@ -35,9 +36,9 @@ def check_formats(formats) -> list[str]:
     formats = [f.strip() for f in formats if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
     if bad:
-        raise ValueError(f"unknown export format(s) {bad}; choose from {FORMATS}")
+        raise UserError(f"unknown export format(s) {bad}; choose from {FORMATS}")
     if not formats:
-        raise ValueError(f"no export format given; choose from {FORMATS}")
+        raise UserError(f"no export format given; choose from {FORMATS}")
     return formats
 
 
@@ -91,13 +92,13 @@ def resolve_version(export_dir: str, model_name: str, version: int, fingerprint:
     """The version to write: next free for 0; an existing explicit one only for the same model."""
     existing = _existing(export_dir, model_name)
     if version < 0:
-        raise ValueError(f"export.version must be >= 0 (0 = next free), got {version}")
+        raise UserError(f"export.version must be >= 0 (0 = next free), got {version}")
     if version == 0:
         return max(existing, default=0) + 1
     if version in existing:
         stored = _stored_fingerprint(export_dir, model_name, version)
         if stored != fingerprint:
-            raise FileExistsError(
+            raise UserError(
                 f"{export_dir} already holds a different model as version {version} "
                 f"(versions present: {sorted(existing)}); refusing to overwrite it. "
                 "Use export.version=0 for the next free version, or another export dir.")
@@ -122,15 +123,15 @@ def export_all(req: ExportRequest, progress=print) -> dict:
     formats = check_formats(req.formats)
     modes = tflite.check_modes(req.quant_modes) if "tflite" in formats else []
     if "tflite" in formats and not modes:
-        raise ValueError(f"format tflite needs at least one quantization mode of "
+        raise UserError(f"format tflite needs at least one quantization mode of "
                          f"{tflite.QUANT_MODES}")
     sm.check_contract(req.contract)
     int8_calibration.check_calibration(req.int8_calibration)
     if "tflite" in formats and "int8" in modes and (
             req.representative is None or len(req.representative) == 0):
-        raise ValueError("--quantize=int8 needs a representative dataset of training images")
+        raise UserError("--quantize=int8 needs a representative dataset of training images")
     if not len(req.verify_uint8):
-        raise ValueError("no verification images")
+        raise UserError("no verification images")
     start = time.time()
     deploy = fold_batch_norm(req.slim) if req.fold_batch_norm else req.slim
     fingerprint = sm.model_fingerprint(req.slim, f"{req.contract}|fold={req.fold_batch_norm}")

@@ -16,6 +16,7 @@ quantized by the converter's own MLIR quantizer.
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import os
 import tempfile
 import warnings
@@ -30,7 +31,7 @@ RANGE_FRACTIONS = np.linspace(0.3, 1.0, 15)
 
 def check_calibration(name: str) -> str:
     if name not in CALIBRATIONS:
-        raise ValueError(f"unknown int8 calibration {name!r}; choose from {CALIBRATIONS}")
+        raise UserError(f"unknown int8 calibration {name!r}; choose from {CALIBRATIONS}")
     return name
 
 

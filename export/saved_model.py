@@ -12,6 +12,7 @@ TF Serving (which polls the base path) never sees half a model.
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import hashlib
 import json
 import os
@@ -31,7 +32,7 @@ METADATA_FILE = os.path.join("assets.extra", "ekg_export.json")
 
 def check_contract(contract: str) -> str:
     if contract not in CONTRACTS:
-        raise ValueError(f"unknown export.input_contract {contract!r}; choose one of {CONTRACTS}")
+        raise UserError(f"unknown export.input_contract {contract!r}; choose one of {CONTRACTS}")
     return contract
 
 

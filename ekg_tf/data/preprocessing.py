@@ -10,6 +10,7 @@ mean/std normalisation in RGB.
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import dataclasses
 
 import numpy as np
@@ -59,7 +60,7 @@ def application_normalization(name: str) -> Normalization:
     if callable(target) and not hasattr(target, "preprocess_input"):  # a model constructor
         target = getattr(keras.applications, target.__module__.rsplit(".", 1)[-1], None)
     if target is None or not hasattr(target, "preprocess_input"):
-        raise ValueError(f"no preprocessing known for {name!r}: keras.applications has no "
+        raise UserError(f"no preprocessing known for {name!r}: keras.applications has no "
                          f"model or module {attr!r} with a preprocess_input")
     probe = np.zeros((4, 1, 1, 3), np.float32)
     for c in range(3):
@@ -69,7 +70,7 @@ def application_normalization(name: str) -> Normalization:
     order = np.argmax(np.abs(moves), axis=1)
     bgr = order.tolist() == [2, 1, 0]
     if not (bgr or order.tolist() == [0, 1, 2]):
-        raise ValueError(f"{name}: preprocess_input is not a per-channel affine map")
+        raise UserError(f"{name}: preprocess_input is not a per-channel affine map")
     std = 100.0 / np.array([moves[order.tolist().index(j), j] for j in range(3)])
     mean = -base * std
     # preprocess_input computes in float32: round off its rounding (127.4999979 -> 127.5)
@@ -87,7 +88,7 @@ def normalization_for(name: str) -> Normalization:
     try:
         mean, std = NORMALIZATION[name]
     except KeyError:
-        raise ValueError(f"no normalisation known for {name!r}; known: {sorted(NORMALIZATION)}"
+        raise UserError(f"no normalisation known for {name!r}; known: {sorted(NORMALIZATION)}"
                          f", 'none', or '{APPLICATIONS_PREFIX}<Model>'") from None
     return Normalization(tuple(float(m) for m in mean), tuple(float(s) for s in std))
 

@@ -13,6 +13,7 @@ turns them into normalised, augmented, per-replica batches.
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import dataclasses
 import os
 
@@ -25,7 +26,7 @@ SOURCES = ("npz", "tfds", "folder", "synthetic")
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A data configuration or file problem, with what to do about it."""
 
 

@@ -11,6 +11,7 @@ are the original model's (training the clone trains the model).
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import keras
 
 from ekg_tf.graph.dependency import DependencyGraph, dependency_graph
@@ -19,7 +20,7 @@ from ekg_tf.graph.gates import GateGroup
 from ekg_tf.graph.rules import BatchNormStep
 
 
-class NothingToPruneError(ValueError):
+class NothingToPruneError(UserError):
     """Every channel group of the model is pinned."""
 
 

@@ -13,6 +13,7 @@ node on, given the tensors live there (the search's prefix cache).
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import dataclasses
 from typing import Callable
 
@@ -21,7 +22,7 @@ import keras
 from ekg_tf.graph import keras_compat as compat
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """The model has no functional graph that ekg_tf can trace (says what is supported)."""
 
 

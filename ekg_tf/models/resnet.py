@@ -16,6 +16,7 @@ Layer names follow the reference's variables: `conv`/`bn` (stem), then
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import dataclasses
 
 import keras
@@ -60,7 +61,7 @@ def get_arch(name: str) -> ResNetArch:
     try:
         return ARCHS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; choose one of {sorted(ARCHS)}") from None
+        raise UserError(f"unknown architecture {name!r}; choose one of {sorted(ARCHS)}") from None
 
 
 def _conv_bn(x, filters, kernel, strides, name, bn_name, gamma_zero=False):

@@ -14,6 +14,7 @@
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import os
 
 import keras
@@ -22,7 +23,7 @@ from ekg_tf.data.preprocessing import APPLICATIONS_PREFIX
 from ekg_tf.models.resnet import build_model
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError):
     """`model.init` / `model.arch` name no model that can be built (says what to fix)."""
 
 

@@ -24,6 +24,7 @@ statistics and frozen moving statistics, as the reference.
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import collections
 
 import numpy as np
@@ -60,12 +61,12 @@ class SubnetEvaluator:
         images = np.asarray(images, np.float32)
         labels = np.asarray(labels, np.int64)
         if len(images) == 0:
-            raise ValueError("the validation set is empty: nothing to search on "
+            raise UserError("the validation set is empty: nothing to search on "
                              "(check data.val_per_class and the training split)")
         if batch_size < 1:
-            raise ValueError(f"search.batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"search.batch_size must be >= 1, got {batch_size}")
         if forward not in FORWARDS:
-            raise ValueError(f"search.forward must be one of {FORWARDS}, got {forward!r}")
+            raise UserError(f"search.forward must be one of {FORWARDS}, got {forward!r}")
         self.model = model
         self.dependency = model.dependency
         self.forward = forward

@@ -36,6 +36,7 @@ the top classes; the dense form is exact up to float16 rounding (~1e-3 relative)
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import json
 import os
 import time
@@ -60,7 +61,7 @@ def select_teachers(losses, num_teachers: int) -> list:
     if losses.size == 0:
         raise ValueError("select_teachers: the history is empty")
     if num_teachers < 1:
-        raise ValueError(f"search.num_teachers must be >= 1, got {num_teachers}")
+        raise UserError(f"search.num_teachers must be >= 1, got {num_teachers}")
     order = np.argsort(losses, kind="stable")
     sorted_losses = losses[order] + np.arange(losses.size) * 1e-12
     n = min(num_teachers, losses.size)
@@ -130,7 +131,7 @@ def build_memory_bank(model, teachers: list, batches, num_examples: int, out_dir
     if topk >= num_classes:
         topk = 0
     if shard_size < 1:
-        raise ValueError(f"search.memory_bank_shard_size must be >= 1, got {shard_size}")
+        raise UserError(f"search.memory_bank_shard_size must be >= 1, got {shard_size}")
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
@@ -240,7 +241,7 @@ class MemoryBank:
         with open(meta_path) as f:
             meta = json.load(f)
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: unknown memory bank format {meta.get('format')!r}")
+            raise UserError(f"{meta_path}: unknown memory bank format {meta.get('format')!r}")
         return cls(directory, meta)
 
     def _shard(self, s):

@@ -8,6 +8,7 @@ validation accuracy, ties broken by lower loss).
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import numpy as np
 import tensorflow as tf
 
@@ -16,7 +17,7 @@ OBJECTIVES = ("ekg", "loss", "accuracy")
 
 def check_objective(name: str) -> str:
     if name not in OBJECTIVES:
-        raise ValueError(f"search.objective must be one of {OBJECTIVES}, got {name!r}")
+        raise UserError(f"search.objective must be one of {OBJECTIVES}, got {name!r}")
     return name
 
 

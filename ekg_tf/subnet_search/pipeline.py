@@ -6,6 +6,7 @@ complete one with the same teachers exists).
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import os
 import sys
 import time
@@ -141,7 +142,7 @@ def run_search(config, workdir: str, log=None, on_step=None, strategy=None) -> d
     val_idx = val_idx[rng.permutation(len(val_idx))]  # mixed classes in every BN batch
     val_x, val_y = _normalized(data, train.x[val_idx]), train.y[val_idx]
     if len(val_x) == 0:
-        raise ValueError("the validation set is empty: data.val_per_class must be > 0 and the "
+        raise UserError("the validation set is empty: data.val_per_class must be > 0 and the "
                          "training split must hold images of every class")
 
     keras.utils.set_random_seed(int(config.seed))  # same initial weights when init is empty
@@ -153,7 +154,7 @@ def run_search(config, workdir: str, log=None, on_step=None, strategy=None) -> d
         model.base.load_weights(weights_path)
         log(f"resuming: weights of the search loaded from {weights_path}")
     elif resuming and s.adapt:
-        raise ValueError(f"{search_dir} holds a search state but not its adapted weights "
+        raise UserError(f"{search_dir} holds a search state but not its adapted weights "
                          f"{weights_path}; delete {search_dir} to start again")
     else:
         if s.adapt:

@@ -13,6 +13,7 @@ NaN/Inf detection that stops with the last good checkpoint kept.
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import dataclasses
 import json
 import os
@@ -29,7 +30,7 @@ from ekg_tf.utils.io import atomic_write_json
 from ekg_tf.utils.progress import ProgressBar
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or Inf."""
 
 
@@ -196,7 +197,7 @@ def fit(trainer: Trainer, *, workdir: str, make_train_input: Callable, steps_per
             try:
                 batch = next(iterator)
             except StopIteration:
-                raise ValueError(f"the training data ran out at step {step} of {total_steps}; "
+                raise UserError(f"the training data ran out at step {step} of {total_steps}; "
                                  "is the training split smaller than one batch?") from None
             loss, correct, count = trainer.train_step(batch).numpy()
             if not np.isfinite(loss):
