@@ -9,7 +9,7 @@ setup(
     package_dir={"ekg_tf.export": "export"},
     python_requires=">=3.10",
     install_requires=[line.strip() for line in open("requirements.txt")
-                      if line.strip() and not line.startswith("#")],
+                      if line.strip() and not line.startswith(("#", "-"))],
     entry_points={"console_scripts": [
         "ekg-train=ekg_tf.cli.train:run",
         "ekg-eval=ekg_tf.cli.eval:run",
