@@ -114,6 +114,8 @@ def finetune_config():
 
 def export_config():
     return ml_collections.ConfigDict(dict(
+        formats="saved_model,tflite,onnx",        # saved_model | tflite | onnx
+        quantize="none,float16,dynamic,int8",     # TFLite modes (none = float32)
         model_name="ekg_model",  # TF Serving model name: <export_dir>/saved_model/<name>/<version>
         version=0,              # 0: next free version number; an existing one is never overwritten
         input_contract="images",  # images (float, normalised) | images_uint8 | image_bytes
