@@ -7,9 +7,12 @@ Layout under `export_dir`:
   artifacts/<version>/model_<mode>.tflite  float32 / float16 / dynamic / int8
   artifacts/<version>/model.onnx
   artifacts/<version>/export_report.json + export_report.md (also copied to export_dir/)
-Versions: `version=0` takes the next free number; an explicit version that already
-holds a *different* model is refused (never overwritten); the same model (same
-weights fingerprint) may be re-exported into it.
+Versions: `version=0` takes the next free number, except that an export killed
+before its report was written is finished in its own version (same model) instead of
+starting a new one; an explicit version that already holds a *different* model is
+refused (never overwritten); the same model (same weights fingerprint) may be
+re-exported into it. Temporary files a killed export left are removed first; one
+export at a time writes an export directory (a lock).
 """
 from __future__ import annotations
 
@@ -25,7 +28,8 @@ import numpy as np
 import keras
 
 from ekg_tf.slimming import fold_batch_norm
-from ekg_tf.utils.io import atomic_path, atomic_write_text
+from ekg_tf.utils.io import (atomic_path, atomic_write_text, directory_lock,
+                             remove_temporaries)
 from ekg_tf.export import (int8_calibration, onnx_export, report as report_lib, saved_model as sm,
                     tflite, verify)
 
@@ -79,22 +83,35 @@ def _existing(export_dir: str, model_name: str) -> set[int]:
 
 
 def _stored_fingerprint(export_dir: str, model_name: str, version: int) -> str | None:
-    for path in (os.path.join(export_dir, "artifacts", str(version), "fingerprint.txt"),):
-        if os.path.exists(path):
-            return open(path).read().strip()
+    path = os.path.join(export_dir, "artifacts", str(version), "fingerprint.txt")
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read().strip()
     meta = os.path.join(export_dir, "saved_model", model_name, str(version), sm.METADATA_FILE)
     if os.path.exists(meta):
         return json.load(open(meta)).get("fingerprint")
     return None
 
 
+def _complete(export_dir: str, version: int) -> bool:
+    """The report is written last: without it, the export of `version` was interrupted."""
+    return os.path.exists(os.path.join(export_dir, "artifacts", str(version),
+                                       "export_report.json"))
+
+
 def resolve_version(export_dir: str, model_name: str, version: int, fingerprint: str) -> int:
-    """The version to write: next free for 0; an existing explicit one only for the same model."""
+    """The version to write: for 0, the latest one if an export of this very model was
+    interrupted there, else the next free one; an existing explicit one only for the
+    same model."""
     existing = _existing(export_dir, model_name)
     if version < 0:
         raise UserError(f"export.version must be >= 0 (0 = next free), got {version}")
     if version == 0:
-        return max(existing, default=0) + 1
+        latest = max(existing, default=0)
+        if latest and not _complete(export_dir, latest) and \
+                _stored_fingerprint(export_dir, model_name, latest) == fingerprint:
+            return latest  # finish the interrupted export of this model
+        return latest + 1
     if version in existing:
         stored = _stored_fingerprint(export_dir, model_name, version)
         if stored != fingerprint:
@@ -120,6 +137,15 @@ def _edge_saved_model(model: keras.Model, path: str) -> str:
 
 def export_all(req: ExportRequest, progress=print) -> dict:
     """Writes and verifies every artifact; returns the report (status 'ok' or 'failed')."""
+    with directory_lock(req.export_dir, "this export directory"):
+        removed = remove_temporaries(req.export_dir)
+        if removed:
+            progress(f"[export] removed {len(removed)} temporary file(s) of an interrupted "
+                     "export")
+        return _export_all(req, progress)
+
+
+def _export_all(req: ExportRequest, progress) -> dict:
     formats = check_formats(req.formats)
     modes = tflite.check_modes(req.quant_modes) if "tflite" in formats else []
     if "tflite" in formats and not modes:

@@ -214,7 +214,7 @@ def run_in_fresh_process(version_path: str, inputs, runs: int = 10, workdir=None
     """
     import subprocess
     import sys
-    tmp = tempfile.mkdtemp(dir=workdir)
+    tmp = tempfile.mkdtemp(dir=workdir, prefix=".tmp-")  # removed by a re-run if killed
     try:
         in_path, out_path = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
         np.savez(in_path, x=np.asarray(inputs))
