@@ -24,8 +24,8 @@ def model_config():
 
 def data_config():
     return ml_collections.ConfigDict(dict(
-        source="npz",           # npz | tfds | folder | synthetic
-        name="cifar10",         # cifar10 | cifar100 | imagenet2012 | synthetic
+        source="npz",           # npz | tfds | folder | digits | synthetic
+        name="cifar10",         # cifar10 | cifar100 | imagenet2012 | digits | synthetic
         num_classes=0,          # 0: from the dataset name
         # "": the dataset's normalisation (a keras.applications model: its own preprocessing);
         # or cifar10 | cifar100 | imagenet | none | keras.applications.<Name>
@@ -38,6 +38,7 @@ def data_config():
         batch_size=128,         # global batch size
         eval_batch_size=256,
         shuffle_buffer=10_000,
+        random_flip=True,       # training augmentation: horizontal flips (off for digits)
         synthetic_train_size=2048,
         synthetic_test_size=512,
         val_per_class=32,       # search validation: last N images of each class (train split)

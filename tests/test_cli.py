@@ -50,7 +50,7 @@ def test_eval_bad_inputs_are_clear_errors(reference_npz, cifar_test1000, args, m
                                     "did you mean 'batch_size'?"),
 ])
 def test_bad_config_values_are_clear_errors(args, message):
-    code, result, err = run_cli("ekg_tf.cli.eval", "--config=configs/quickstart.py",
+    code, result, err = run_cli("ekg_tf.cli.eval", "--config=configs/synthetic.py",
                                 "--config.model.init=unused.npz", *args)
     assert code == 2 and message in err and "Traceback" not in err, err[-2000:]
     assert result == {"status": "error", "error": message}
@@ -86,7 +86,7 @@ def test_eval_tfds_without_network_explains_alternatives(tmp_path, reference_npz
 
 
 def test_train_quickstart_runs_and_resumes(tmp_path):
-    args = ["--config=configs/quickstart.py", f"--workdir={tmp_path}",
+    args = ["--config=configs/synthetic.py", f"--workdir={tmp_path}",
             "--config.train.steps=6", "--config.data.synthetic_train_size=256",
             "--config.data.synthetic_test_size=64", "--config.train.checkpoint_every_steps=3"]
     code, result, err = run_cli("ekg_tf.cli.train", *args)
@@ -97,7 +97,7 @@ def test_train_quickstart_runs_and_resumes(tmp_path):
     code, result, err = run_cli("ekg_tf.cli.train", *args[:-1], "--config.train.steps=8")
     assert code == 0, err[-2000:]
     assert result["steps"] == 8  # resumed from step 6, not restarted
-    code, evaluated, err = run_cli("ekg_tf.cli.eval", "--config=configs/quickstart.py",
+    code, evaluated, err = run_cli("ekg_tf.cli.eval", "--config=configs/synthetic.py",
                                    f"--config.model.init={tmp_path / 'model.weights.h5'}",
                                    "--config.data.synthetic_test_size=64")
     assert code == 0, err[-2000:]

@@ -13,7 +13,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
+QUICKSTART = os.path.join(REPO, "configs", "synthetic.py")
 
 
 def cli(workdir, *args):

@@ -20,8 +20,8 @@ from ekg_tf.export.weights_io import find_weights, load_slim  # noqa: E402
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     sys.path.insert(0, os.path.join(REPO, "configs"))
-    import quickstart
-    config = quickstart.get_config()
+    import synthetic
+    config = synthetic.get_config()
     wd = tmp_path_factory.mktemp("weights_wd")
     model = GatedModel(build_model("resnet20", 10))
     rng = np.random.default_rng(0)

@@ -21,7 +21,9 @@ NORMALIZATION = {
     "cifar100": ((112.0, 124.0, 129.0), (70.0, 65.0, 68.0)),
     "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
     "imagenet2012": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
-    # Generated images of the quickstart / tests share CIFAR's statistics.
+    # scikit-learn's digits (0..255 greyscale on 3 channels), training-split statistics.
+    "digits": ((77.9, 77.9, 77.9), (82.5, 82.5, 82.5)),
+    # Generated images of the tests share CIFAR's statistics.
     "synthetic": ((113.9, 123.0, 125.3), (66.7, 62.1, 63.0)),
 }
 
@@ -98,10 +100,12 @@ def normalize(images, name: str):
     return normalization_for(name)(images)
 
 
-def cifar_augment(image, seed):
-    """Random flip + random crop of the 4-pixel reflect-padded image (stateless, `seed` [2])."""
+def cifar_augment(image, seed, flip: bool = True):
+    """Random flip (unless `flip` is off: digits are not mirror-symmetric) + random crop of
+    the 4-pixel reflect-padded image (stateless, `seed` [2])."""
     seeds = tf.random.experimental.stateless_split(seed, 2)
-    image = tf.image.stateless_random_flip_left_right(image, seeds[0])
+    if flip:
+        image = tf.image.stateless_random_flip_left_right(image, seeds[0])
     padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]], mode="REFLECT")
     return tf.image.stateless_random_crop(padded, tf.shape(image), seeds[1])
 
