@@ -7,6 +7,7 @@ complete one with the same teachers exists).
 from __future__ import annotations
 
 from ekg_tf.errors import UserError
+import json
 import os
 import sys
 import time
@@ -89,6 +90,22 @@ def evaluate_test(model, config, log) -> dict:
     return out
 
 
+def evaluate_baseline(model, config, path, log) -> dict:
+    """Test top-1 of the network as given (before adaptation, BN inference mode): the
+    baseline the pruned network is compared with. Kept in `path` for a resumed search."""
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    test = load_arrays(config.data, "test")
+    logits = ev.batch_logits(model, _normalized(config.data, test.x),
+                             int(config.data.eval_batch_size), False)
+    out = {"baseline_test_top1": ev.top1(logits, test.y), "test_examples": int(len(test))}
+    atomic_write_json(path, out)
+    log(f"baseline (the unpruned network, BN inference mode): test top-1 "
+        f"{out['baseline_test_top1']:.4f} on {len(test)} images")
+    return out
+
+
 def _memory_bank(model, config, workdir, history, log) -> dict:
     s = config.search
     teachers = teachers_from_history(history, int(s.num_teachers))
@@ -150,6 +167,11 @@ def run_search(config, workdir: str, log=None, on_step=None, strategy=None) -> d
         model = GatedModel(model_from_config(config), sync_bn=bool(config.model.sync_bn))
     weights_path = os.path.join(search_dir, "weights.weights.h5")
     adapt_info = {}
+    baseline_path = os.path.join(search_dir, "baseline.json")
+    if resuming and not os.path.exists(baseline_path):
+        baseline = {}  # a search state from before baselines were recorded
+    else:
+        baseline = evaluate_baseline(model, config, baseline_path, log)
     if resuming and os.path.exists(weights_path):
         model.base.load_weights(weights_path)
         log(f"resuming: weights of the search loaded from {weights_path}")
@@ -189,6 +211,7 @@ def run_search(config, workdir: str, log=None, on_step=None, strategy=None) -> d
            "val_top1": result.val_top1, "target_ratio": settings.target_ratio,
            "retraces_after_warmup": result.retraces_after_warmup, "trace_count": evaluator.trace_count,
            "subnet": spec_path, "weights": weights_path, "plots": plots}
+    out.update(baseline)
     if adapt_info:
         out["adapt_seconds"] = adapt_info["seconds"]
     if not result.done:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from ekg_tf.errors import UserError
 import dataclasses
-import os
 import time
 from typing import Callable
 
