@@ -62,10 +62,10 @@ def main():
                                            "--formats=saved_model,tflite,onnx",
                                            "--quantize=none,float16,dynamic,int8"])
     dense = exported.get("dense_latency_ms") or {}
-    print(f"MobileNetV2 (keras.applications) on CIFAR-10, test top-1 on the 1,000 lossless "
-          f"test images")
-    print(f"| stage | top-1 | MACs | MACs ratio | params ratio |")
-    print(f"|---|---|---|---|---|")
+    print("MobileNetV2 (keras.applications) on CIFAR-10, test top-1 on the 1,000 lossless "
+          "test images")
+    print("| stage | top-1 | MACs | MACs ratio | params ratio |")
+    print("|---|---|---|---|---|")
     print(f"| trained ({args.train_epochs} epochs) | {trained['top1']:.4f} | {trained['macs']:,} "
           f"| 1.000 | 1.000 |")
     print(f"| searched, BN batch stats / re-estimated | {searched['test_top1_bn_train_mode']:.4f}"

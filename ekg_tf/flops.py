@@ -38,9 +38,6 @@ class Complexity:
     params_with_bn_stats: int
     bn_flops: int
 
-    def ratio_to(self, full: "Complexity") -> dict:
-        return {"params_ratio": self.params / full.params, "macs_ratio": self.macs / full.macs}
-
 
 class _Terms:
     """sum coef * width[i] * width[j] (index -1: the constant 1)."""

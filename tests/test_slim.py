@@ -19,7 +19,6 @@ SHARED = os.path.join(os.path.dirname(REPO), "shared")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from ekg_tf.data import normalize  # noqa: E402
 from ekg_tf.flops import ComplexityCounter  # noqa: E402

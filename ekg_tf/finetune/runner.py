@@ -32,7 +32,6 @@ import contextlib
 import json
 import os
 import sys
-import time
 
 import numpy as np
 import tensorflow as tf
