@@ -145,12 +145,13 @@ def export_all(req: ExportRequest, progress=print) -> dict:
         return _export_all(req, progress)
 
 
-def _export_all(req: ExportRequest, progress) -> dict:
+def _check_request(req: ExportRequest) -> tuple[list, list]:
+    """(formats, TFLite modes) of a request whose settings are all valid."""
     formats = check_formats(req.formats)
     modes = tflite.check_modes(req.quant_modes) if "tflite" in formats else []
     if "tflite" in formats and not modes:
         raise UserError(f"format tflite needs at least one quantization mode of "
-                         f"{tflite.QUANT_MODES}")
+                        f"{tflite.QUANT_MODES}")
     sm.check_contract(req.contract)
     int8_calibration.check_calibration(req.int8_calibration)
     if "tflite" in formats and "int8" in modes and (
@@ -158,6 +159,124 @@ def _export_all(req: ExportRequest, progress) -> dict:
         raise UserError("--quantize=int8 needs a representative dataset of training images")
     if not len(req.verify_uint8):
         raise UserError("no verification images")
+    return formats, modes
+
+
+class _Verification:
+    """The reference logits and the artifacts checked against them so far."""
+
+    def __init__(self, req: ExportRequest, progress):
+        self.req, self.progress = req, progress
+        self.x = req.normalization.numpy(req.verify_uint8)
+        self.labels = req.verify_labels
+        self.keras_fn = verify.keras_predictor(req.slim)
+        self.reference = verify.predict_batched(self.keras_fn, self.x)
+        self.artifacts = []
+
+    def add(self, name, fmt, path, logits, latency, extra=None):
+        metrics = verify.compare(self.reference, logits, self.labels)
+        passed, reasons = verify.check(name, metrics)
+        entry = {"name": name, "format": fmt, "path": os.path.abspath(path) if path else None,
+                 "size_bytes": _dir_size(path) if path else None,
+                 "status": "ok" if passed else "failed", "reasons": reasons,
+                 "tolerance": verify.TOLERANCES.get(name, verify.FLOAT_TOLERANCE).to_dict(),
+                 **metrics, "latency_ms": latency, **(extra or {})}
+        self.artifacts.append(entry)
+        self.progress(f"[export] {name}: {entry['status']} "
+                      f"max_abs_diff={metrics['max_abs_diff']:.3g} "
+                      f"top1_agree={metrics['top1_agreement']:.4f}"
+                      + (f" {'; '.join(reasons)}" if reasons else ""))
+        return entry
+
+    def lat(self, fn):
+        return {f"batch{b}": verify.latency_ms(fn, self.x[:32], b, self.req.latency_runs)
+                for b in (1, 32)}
+
+
+def _keras_artifacts(v: _Verification, deploy, art_dir):
+    """The Keras reference (+ the folded graph, checked against it)."""
+    req = v.req
+    keras_path = os.path.join(art_dir, "model.keras")
+    with atomic_path(keras_path) as tmp:  # tmp ends with "-model.keras"
+        req.slim.save(tmp)
+    v.artifacts.append({"name": "keras", "format": "keras", "path": os.path.abspath(keras_path),
+                        "size_bytes": _dir_size(keras_path), "status": "ok", "reasons": [],
+                        "reference": True, **verify.compare(v.reference, v.reference, v.labels),
+                        "latency_ms": v.lat(v.keras_fn)})
+    if req.fold_batch_norm:
+        folded_path = os.path.join(art_dir, "model_folded.keras")
+        with atomic_path(folded_path) as tmp:
+            deploy.save(tmp)
+        folded_fn = verify.keras_predictor(deploy)
+        v.add("keras_folded", "keras", folded_path, verify.predict_batched(folded_fn, v.x),
+              v.lat(folded_fn))
+
+
+def _saved_model_artifact(v: _Verification, deploy, art_dir, version, fingerprint):
+    req, progress = v.req, v.progress
+    path = os.path.join(req.export_dir, "saved_model", req.model_name, str(version))
+    if os.path.exists(path):  # same fingerprint (resolve_version): keep the served copy
+        progress(f"[export] {path} already holds this model; kept as is")
+    else:
+        sm.write_saved_model(deploy, path, req.contract, req.normalization, req.model_name,
+                             warmup_raw_uint8=req.verify_uint8[:8],
+                             metadata={"fingerprint": fingerprint, "contract": req.contract,
+                                       "model_name": req.model_name, "version": version,
+                                       "fold_batch_norm": req.fold_batch_norm, **req.info})
+    models_config = os.path.join(req.export_dir, "models.config")
+    if not os.path.exists(models_config):  # an example for TF Serving; never clobbered
+        atomic_write_text(models_config, sm.models_config(req.model_name))
+    inputs = sm.contract_inputs(req.contract, req.verify_uint8, req.normalization)
+    res = sm.run_in_fresh_process(path, inputs, runs=req.latency_runs, workdir=art_dir)
+    extra = {"input": res["input"], "outputs": res["outputs"],
+             "fresh_process_without_ekg_tf": not res["ekg_tf_imported"],
+             "warmup_records": len(sm.read_warmup(os.path.join(path, sm.WARMUP_FILE)))}
+    entry = v.add("saved_model", "saved_model", path, res["logits"],
+                  {"batch1": res["latency"]["batch1_ms"], "batch32": res["latency"]["batch32_ms"]},
+                  extra)
+    consistent = (np.array_equal(res["classes"], np.argmax(res["logits"], 1))
+                  and np.allclose(res["probabilities"].sum(1), 1.0, atol=1e-4))
+    if not consistent or res["ekg_tf_imported"] or res["outputs"] != sorted(sm.OUTPUTS):
+        entry["status"] = "failed"
+        entry["reasons"].append("classes/probabilities/outputs inconsistent or the fresh "
+                                "process needed ekg_tf")
+
+
+def _tflite_artifacts(v: _Verification, deploy, art_dir, modes):
+    req = v.req
+    build = tempfile.mkdtemp(dir=art_dir, prefix=".edge-")
+    try:
+        edge = _edge_saved_model(deploy, os.path.join(build, "edge"))
+        for mode in modes:
+            t0 = time.time()
+            blob = tflite.convert(edge, mode, req.representative, int8_io=req.int8_io,
+                                  calibration=req.int8_calibration)
+            path = os.path.join(art_dir, f"model_{'float32' if mode == 'none' else mode}.tflite")
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as f:
+                    f.write(blob)
+            runner = tflite.TFLiteRunner(path, num_threads=req.threads)
+            v.add(tflite.artifact_name(mode), "tflite", path, runner.predict(v.x),
+                  v.lat(runner), {"convert_seconds": time.time() - t0,
+                                  "int8_io": bool(req.int8_io and mode == "int8"),
+                                  **({"calibration": req.int8_calibration}
+                                     if mode == "int8" else {})})
+    finally:
+        shutil.rmtree(build, ignore_errors=True)
+
+
+def _onnx_artifact(v: _Verification, deploy, art_dir):
+    req = v.req
+    path = os.path.join(art_dir, "model.onnx")
+    t0 = time.time()
+    proto = onnx_export.convert(deploy, path, opset=req.opset)
+    runner = onnx_export.OnnxRunner(path, num_threads=req.threads)
+    v.add("onnx", "onnx", path, runner.predict(v.x), v.lat(runner),
+          {"opset": int(proto.opset_import[0].version), "convert_seconds": time.time() - t0})
+
+
+def _export_all(req: ExportRequest, progress) -> dict:
+    formats, modes = _check_request(req)
     start = time.time()
     deploy = fold_batch_norm(req.slim) if req.fold_batch_norm else req.slim
     fingerprint = sm.model_fingerprint(req.slim, f"{req.contract}|fold={req.fold_batch_norm}")
@@ -166,114 +285,25 @@ def _export_all(req: ExportRequest, progress) -> dict:
     os.makedirs(art_dir, exist_ok=True)
     atomic_write_text(os.path.join(art_dir, "fingerprint.txt"), fingerprint + "\n")
 
-    x_verify = req.normalization.numpy(req.verify_uint8)
-    labels = req.verify_labels
-    lat_x = x_verify[:32]
-    keras_fn = verify.keras_predictor(req.slim)
-    reference = verify.predict_batched(keras_fn, x_verify)
-    artifacts = []
-
-    def add(name, fmt, path, logits, latency, extra=None):
-        metrics = verify.compare(reference, logits, labels)
-        passed, reasons = verify.check(name, metrics)
-        entry = {"name": name, "format": fmt, "path": os.path.abspath(path) if path else None,
-                 "size_bytes": _dir_size(path) if path else None,
-                 "status": "ok" if passed else "failed", "reasons": reasons,
-                 "tolerance": verify.TOLERANCES.get(name, verify.FLOAT_TOLERANCE).to_dict(),
-                 **metrics, "latency_ms": latency, **(extra or {})}
-        artifacts.append(entry)
-        progress(f"[export] {name}: {entry['status']} max_abs_diff={metrics['max_abs_diff']:.3g} "
-                 f"top1_agree={metrics['top1_agreement']:.4f}"
-                 + (f" {'; '.join(reasons)}" if reasons else ""))
-        return entry
-
-    def lat(fn):
-        return {f"batch{b}": verify.latency_ms(fn, lat_x, b, req.latency_runs) for b in (1, 32)}
-
-    # Keras reference (+ the folded graph, checked against it).
-    keras_path = os.path.join(art_dir, "model.keras")
-    with atomic_path(keras_path) as tmp:  # tmp ends with "-model.keras"
-        req.slim.save(tmp)
-    ref_entry = {"name": "keras", "format": "keras", "path": os.path.abspath(keras_path),
-                 "size_bytes": _dir_size(keras_path), "status": "ok", "reasons": [],
-                 "reference": True, **verify.compare(reference, reference, labels),
-                 "latency_ms": lat(keras_fn)}
-    artifacts.append(ref_entry)
-    if req.fold_batch_norm:
-        folded_path = os.path.join(art_dir, "model_folded.keras")
-        with atomic_path(folded_path) as tmp:
-            deploy.save(tmp)
-        folded_fn = verify.keras_predictor(deploy)
-        add("keras_folded", "keras", folded_path, verify.predict_batched(folded_fn, x_verify),
-            lat(folded_fn))
-
+    v = _Verification(req, progress)
+    _keras_artifacts(v, deploy, art_dir)
     if "saved_model" in formats:
-        path = os.path.join(req.export_dir, "saved_model", req.model_name, str(version))
-        if os.path.exists(path):  # same fingerprint (resolve_version): keep the served copy
-            progress(f"[export] {path} already holds this model; kept as is")
-        else:
-            sm.write_saved_model(deploy, path, req.contract, req.normalization, req.model_name,
-                                 warmup_raw_uint8=req.verify_uint8[:8],
-                                 metadata={"fingerprint": fingerprint, "contract": req.contract,
-                                           "model_name": req.model_name, "version": version,
-                                           "fold_batch_norm": req.fold_batch_norm, **req.info})
-        models_config = os.path.join(req.export_dir, "models.config")
-        if not os.path.exists(models_config):  # an example for TF Serving; never clobbered
-            atomic_write_text(models_config, sm.models_config(req.model_name))
-        inputs = sm.contract_inputs(req.contract, req.verify_uint8, req.normalization)
-        res = sm.run_in_fresh_process(path, inputs, runs=req.latency_runs, workdir=art_dir)
-        extra = {"input": res["input"], "outputs": res["outputs"],
-                 "fresh_process_without_ekg_tf": not res["ekg_tf_imported"],
-                 "warmup_records": len(sm.read_warmup(os.path.join(path, sm.WARMUP_FILE)))}
-        entry = add("saved_model", "saved_model", path, res["logits"],
-                    {"batch1": res["latency"]["batch1_ms"], "batch32": res["latency"]["batch32_ms"]},
-                    extra)
-        consistent = (np.array_equal(res["classes"], np.argmax(res["logits"], 1))
-                      and np.allclose(res["probabilities"].sum(1), 1.0, atol=1e-4))
-        if not consistent or res["ekg_tf_imported"] or res["outputs"] != sorted(sm.OUTPUTS):
-            entry["status"] = "failed"
-            entry["reasons"].append("classes/probabilities/outputs inconsistent or the fresh "
-                                    "process needed ekg_tf")
-
+        _saved_model_artifact(v, deploy, art_dir, version, fingerprint)
     if "tflite" in formats:
-        build = tempfile.mkdtemp(dir=art_dir, prefix=".edge-")
-        try:
-            edge = _edge_saved_model(deploy, os.path.join(build, "edge"))
-            for mode in modes:
-                t0 = time.time()
-                blob = tflite.convert(edge, mode, req.representative, int8_io=req.int8_io,
-                                      calibration=req.int8_calibration)
-                path = os.path.join(art_dir, f"model_{'float32' if mode == 'none' else mode}.tflite")
-                with atomic_path(path) as tmp:
-                    with open(tmp, "wb") as f:
-                        f.write(blob)
-                runner = tflite.TFLiteRunner(path, num_threads=req.threads)
-                add(tflite.artifact_name(mode), "tflite", path, runner.predict(x_verify),
-                    lat(runner), {"convert_seconds": time.time() - t0,
-                                  "int8_io": bool(req.int8_io and mode == "int8"),
-                                  **({"calibration": req.int8_calibration}
-                                     if mode == "int8" else {})})
-        finally:
-            shutil.rmtree(build, ignore_errors=True)
-
+        _tflite_artifacts(v, deploy, art_dir, modes)
     if "onnx" in formats:
-        path = os.path.join(art_dir, "model.onnx")
-        t0 = time.time()
-        proto = onnx_export.convert(deploy, path, opset=req.opset)
-        runner = onnx_export.OnnxRunner(path, num_threads=req.threads)
-        add("onnx", "onnx", path, runner.predict(x_verify), lat(runner),
-            {"opset": int(proto.opset_import[0].version), "convert_seconds": time.time() - t0})
+        _onnx_artifact(v, deploy, art_dir)
 
-    dense = _dense_latency(req, formats, lat) if req.dense is not None else None
+    dense = _dense_latency(req, formats, v.lat) if req.dense is not None else None
     result = {
-        "status": "ok" if all(a["status"] == "ok" for a in artifacts) else "failed",
+        "status": "ok" if all(a["status"] == "ok" for a in v.artifacts) else "failed",
         "model_name": req.model_name, "version": version, "export_dir": os.path.abspath(
             req.export_dir), "contract": req.contract, "fold_batch_norm": req.fold_batch_norm,
-        "fingerprint": fingerprint, "verify_images": int(len(x_verify)),
+        "fingerprint": fingerprint, "verify_images": int(len(v.x)),
         "threads": {"tflite": req.threads, "onnxruntime": req.threads,
                     "tensorflow": f"default (cpu_count={os.cpu_count()})"},
         "latency_runs": req.latency_runs, "latency_statistic": "median wall ms",
-        "artifacts": artifacts, "dense_latency_ms": dense, **req.info,
+        "artifacts": v.artifacts, "dense_latency_ms": dense, **req.info,
         "seconds": time.time() - start,
     }
     report_lib.write(result, art_dir, also=req.export_dir)
