@@ -16,5 +16,6 @@ setup(
         "ekg-search=ekg_tf.cli.search:run",
         "ekg-finetune=ekg_tf.cli.finetune:run",
         "ekg-export=ekg_tf.export.cli:run",
+        "ekg-prune=ekg_tf.cli.prune:run",
     ]},
 )

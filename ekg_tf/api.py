@@ -37,7 +37,41 @@ from ekg_tf.graph import dependency_graph
 from ekg_tf.graph.gated import GatedModel
 from ekg_tf.subnet import SubnetSpec
 
-__all__ = ["PruneResult", "dependency_graph", "export", "prune", "search", "slim"]
+__all__ = ["PruneResult", "dependency_graph", "export", "prune", "run_export", "run_finetune",
+           "run_pipeline", "run_search", "run_train", "search", "slim"]
+
+
+# ----------------------------------------------------------------------------- from configs
+# The stages of ekg-prune, each the function its own CLI runs (config, workdir) -> result;
+# `run_pipeline` runs them in one durable workdir and writes the run report.
+def run_pipeline(config, workdir, stages=None, overwrite=(), strategy=None, log=None) -> dict:
+    """ekg-prune from Python: see `ekg_tf.pipeline.runner.run_pipeline`."""
+    from ekg_tf.pipeline.runner import run_pipeline as run
+    return run(config, workdir, stages=stages, overwrite=overwrite, strategy=strategy, log=log)
+
+
+def run_train(config, workdir, **kwargs) -> dict:
+    """ekg-train: see `ekg_tf.train.runner.run_train`."""
+    from ekg_tf.train.runner import run_train as run
+    return run(config, workdir, **kwargs)
+
+
+def run_search(config, workdir, **kwargs) -> dict:
+    """ekg-search: see `ekg_tf.subnet_search.pipeline.run_search`."""
+    from ekg_tf.subnet_search.pipeline import run_search as run
+    return run(config, workdir, **kwargs)
+
+
+def run_finetune(config, workdir, **kwargs) -> dict:
+    """ekg-finetune: see `ekg_tf.finetune.runner.run_finetune`."""
+    from ekg_tf.finetune.runner import run_finetune as run
+    return run(config, workdir, **kwargs)
+
+
+def run_export(config, workdir, **kwargs) -> dict:
+    """ekg-export: see `ekg_tf.export.runner.run_export` (returns the export report)."""
+    from ekg_tf.export.runner import run_export as run
+    return run(config, workdir, **kwargs)
 
 
 # ----------------------------------------------------------------------------- data

@@ -35,18 +35,23 @@ from ekg_tf.utils.io import atomic_path, atomic_write_json
 from ekg_tf.utils.progress import ProgressBar
 
 
-def _abs(path):
-    """A file's absolute path (a keras.applications name stays as it is)."""
+def _abs(path, workdir=None):
+    """A file's absolute path (a keras.applications name stays as it is); a file inside
+    `workdir` (ekg-prune's trained weights) relative to it, so that a copy of the workdir
+    (another worker's) resumes too."""
     if not path or model_kind(path) == "application":
         return path or ""
-    return os.path.abspath(path)
+    path = os.path.abspath(path)
+    if workdir and path.startswith(os.path.abspath(workdir) + os.sep):
+        return os.path.join("<workdir>", os.path.relpath(path, os.path.abspath(workdir)))
+    return path
 
 
-def run_fingerprint(config) -> dict:
+def run_fingerprint(config, workdir=None) -> dict:
     """What must not change between a search and its resumption."""
     d, s = config.data, config.search
     return {"arch": model_identity(config), "num_classes": num_classes_for(d),
-            "init": _abs(config.model.init), "data_source": d.source, "data_name": d.name,
+            "init": _abs(config.model.init, workdir), "data_source": d.source, "data_name": d.name,
             "train_path": _abs(d.train_path), "image_size": int(d.image_size),
             "val_per_class": int(d.val_per_class), "adapt": bool(s.adapt),
             "adapt_per_class": int(d.adapt_per_class) if s.adapt else 0,
@@ -219,7 +224,7 @@ def run_search(config, workdir: str, log=None, on_step=None, strategy=None) -> d
     t_start = time.time()
     settings = SearchSettings.from_config(config.search)
     search_dir = os.path.join(workdir, "search")
-    fingerprint = run_fingerprint(config)
+    fingerprint = run_fingerprint(config, workdir)
     resuming = load_state(search_dir, fingerprint) is not None  # refuses another run's state
     rng = np.random.default_rng(int(config.seed))
 
