@@ -233,11 +233,8 @@ def run_search(config, workdir: str, log=None, on_step=None, strategy=None) -> d
     keras.utils.set_random_seed(int(config.seed))  # same initial weights when init is empty
     with strategy.scope():
         model = GatedModel(model_from_config(config), sync_bn=bool(config.model.sync_bn))
-    baseline_path = os.path.join(search_dir, "baseline.json")
-    if resuming and not os.path.exists(baseline_path):
-        baseline = {}  # a search state from before baselines were recorded
-    else:
-        baseline = evaluate_baseline(model, config, baseline_path, log)
+    # The model holds its initial weights until adapted_weights (also when resuming).
+    baseline = evaluate_baseline(model, config, os.path.join(search_dir, "baseline.json"), log)
     adapt_info = adapted_weights(model, config, train, rng, search_dir, resuming, strategy, log)
 
     writer = tf.summary.create_file_writer(os.path.join(search_dir, "tb"))
