@@ -58,7 +58,7 @@ def _rel(workdir, path):
 
 
 # ----------------------------------------------------------------------------- the numbers
-def summarize(workdir: str, records: dict) -> dict:
+def summarize(workdir: str, records: dict, config=None) -> dict:
     """The report's numbers from the stage records and outputs."""
     res = {name: r.get("result", {}) for name, r in records.items()}
     train, search, finetune = res.get("train", {}), res.get("search", {}), res.get("finetune", {})
@@ -94,6 +94,8 @@ def summarize(workdir: str, records: dict) -> dict:
     out["export_status"] = export.get("status")
     out["latency_ms"] = latency_table(export)
     out["kept_width"] = kept_width(workdir)
+    slim_path = keras_artifact.get("path") or finetune.get("last")
+    out["layer_width"] = per_layer_widths(config, workdir, slim_path) if config else []
     out["search"] = {k: search.get(k) for k in ("steps", "search_seconds", "target_ratio",
                                                  "val_top1", "memory_bank_teachers")}
     out["finetune_history"] = [{"epoch": h.get("epoch"), "top1": h.get("top1")}
@@ -112,6 +114,29 @@ def latency_table(export: dict) -> list:
                      "pruned_b32": lat.get("batch32"), "dense_b1": d.get("batch1"),
                      "dense_b32": d.get("batch32")})
     return rows
+
+
+def _weighted_layers(model) -> dict:
+    """{name: output channels} of the layers with a kernel (conv, depthwise, dense), nested
+    models included, in graph order."""
+    from ekg_tf.graph.keras_compat import all_layers
+    out = {}
+    for layer in all_layers(model):
+        if getattr(layer, "kernel", None) is not None or hasattr(layer, "depthwise_kernel"):
+            out[layer.name] = int(layer.output.shape[-1])
+    return out
+
+
+def per_layer_widths(config, workdir: str, slim_path: str | None) -> list:
+    """Output channels of every conv/dense layer: unpruned vs the pruned model's."""
+    import keras
+    from ekg_tf.models.sources import model_from_config
+    if not slim_path or not os.path.exists(slim_path):
+        return []
+    dense = _weighted_layers(model_from_config(config, load_init=False))
+    slim = _weighted_layers(keras.models.load_model(slim_path, compile=False, safe_mode=True))
+    return [{"layer": name, "channels": c, "kept": slim[name]}
+            for name, c in dense.items() if name in slim]
 
 
 def kept_width(workdir: str) -> list:
@@ -157,6 +182,14 @@ def plots(workdir: str, summary: dict) -> dict:
                        "pruned b32 / 10": [r["pruned_b32"] / 10 for r in rows]},
                       "median latency (ms)", "Dense vs pruned latency per runtime")
         out["latency"] = path
+    layers = summary.get("layer_width") or []
+    if layers:
+        path = os.path.join(workdir, "report_layer_width.png")
+        save_bar_plot(path, [r["layer"] for r in layers],
+                      {"unpruned": [r["channels"] for r in layers],
+                       "kept": [r["kept"] for r in layers]},
+                      "output channels", "Kept width per layer")
+        out["layer_width"] = path
     for key, rel in (("kept_width", "search/kept_width.png"),
                      ("search_macs", "search/macs_ratio.png"),
                      ("search_objective", "search/objective.png"),
@@ -205,6 +238,13 @@ def markdown(summary: dict, png: dict, config_text: str, export_md: str, version
                          f"{_f(r32, '.3f')} |")
         lines.append("")
         lines += img("latency", "latency")
+    if s.get("layer_width"):
+        lines += ["## Kept width per layer", "", "| layer | channels | kept | kept % |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {r['layer']} | {r['channels']} | {r['kept']} | "
+                  f"{100 * r['kept'] / r['channels']:.0f} |" for r in s["layer_width"]]
+        lines.append("")
+        lines += img("layer_width", "kept width per layer")
     if s["kept_width"]:
         lines += ["## Kept width per gate group", "", "| group | channels | kept | kept % |",
                   "|---|---:|---:|---:|"]
@@ -240,7 +280,7 @@ def markdown(summary: dict, png: dict, config_text: str, export_md: str, version
 def write_report(config, workdir: str, records: dict, stages_run) -> dict:
     """Writes `report.md`, `report.json`, the report PNGs and TensorBoard scalars."""
     import tensorflow as tf
-    summary = summarize(workdir, records)
+    summary = summarize(workdir, records, config)
     png = plots(workdir, summary)
     export_md = ""
     export_report = (records.get("export", {}).get("result", {}) or {}).get("report")
