@@ -117,6 +117,12 @@ class SubnetEvaluator:
         return self.strategy.run(fn, args=args)
 
     def _concat_logits(self, per_batch):
+        if self.num_replicas > 1 and isinstance(self.strategy,
+                                                tf.distribute.MultiWorkerMirroredStrategy):
+            # Other workers' replicas are not local: all-gather them (in replica order, as
+            # the batch was split; every worker runs this collective).
+            return np.concatenate([self.strategy.gather(v, axis=0).numpy() for v in per_batch],
+                                  0)
         return np.concatenate([np.concatenate([t.numpy() for t in self._local(v)], 0)
                                for v in per_batch], 0)
 
