@@ -389,15 +389,17 @@ def make_trainer(config, model, strategy, batch: int, total_steps: int, log):
                          loss_fn=loss_fn, grad_scale=1.0 / views, jit_compile=jit), views
 
 
-def save_models(model, strategy, out_dir) -> tuple:
+def save_models(model, out_dir) -> tuple:
     """last.keras, and best.keras from the best checkpoint; returns (last, best or None)."""
     last_path = os.path.join(out_dir, "last.keras")
     best_path = os.path.join(out_dir, "best.keras")
     save_keras(model, last_path)
     best_ckpt = tf.train.latest_checkpoint(os.path.join(out_dir, "checkpoints", "best"))
     if best_ckpt:
-        with strategy.scope():
-            best_model = keras.models.clone_model(model)
+        # A plain (not distributed) copy: creating variables in the strategy's scope is a
+        # collective under MultiWorkerMirroredStrategy, and only the chief keeps a best
+        # checkpoint in the workdir (the other workers' are in their scratch folders).
+        best_model = keras.models.clone_model(model)
         tf.train.Checkpoint(model=best_model).restore(best_ckpt).expect_partial()
         save_keras(best_model, best_path)
     return last_path, best_path if best_ckpt else None
@@ -463,7 +465,7 @@ def run_finetune(config, workdir: str, log=None, stop_at_step: int | None = None
                        eval_every_epochs=int(config.train.eval_every_epochs), name="finetune",
                        on_epoch_end=plot, stop_at_step=stop_at_step)
     plot(result.history)
-    last_path, best_path = save_models(model, strategy, out_dir)
+    last_path, best_path = save_models(model, out_dir)
 
     final = result.last_eval or evaluate()
     out = {"top1": final.get("top1"), "top5": final.get("top5"), "loss": final.get("loss"),

@@ -209,7 +209,9 @@ class Pipeline:
                 shutil.copytree(self.workdir, root, ignore=shutil.ignore_patterns(".lock"))
             os.makedirs(root, exist_ok=True)
             _barrier(self.strategy)  # the chief writes only once every worker has copied
-            return {"records": self.run_in(root), "report": None}
+            from ekg_tf.train.loop import private_workdir
+            with private_workdir():
+                return {"records": self.run_in(root), "report": None}
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 

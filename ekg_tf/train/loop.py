@@ -14,6 +14,7 @@ NaN/Inf detection that stops with the last good checkpoint kept.
 from __future__ import annotations
 
 from ekg_tf.errors import UserError
+import contextlib
 import dataclasses
 import json
 import os
@@ -121,6 +122,26 @@ class FitResult:
     history: list
 
 
+_PRIVATE_WORKDIR = [False]
+
+
+@contextlib.contextmanager
+def private_workdir():
+    """Within it, this worker's workdir is its own (ekg-prune gives each non-chief worker a
+    private copy): `fit` writes checkpoints, state and summaries there as the chief does,
+    so that a resumed run restores the same step on every worker."""
+    _PRIVATE_WORKDIR[0] = True
+    try:
+        yield
+    finally:
+        _PRIVATE_WORKDIR[0] = False
+
+
+def writes_workdir(strategy) -> bool:
+    """Whether this worker writes the workdir's checkpoints, state and summaries."""
+    return _PRIVATE_WORKDIR[0] or is_chief(strategy)
+
+
 def is_chief(strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
@@ -135,7 +156,7 @@ class _Checkpoints:
 
     def __init__(self, trainer, workdir, keep, extra_objects, name):
         strategy, self.model = trainer.strategy, trainer.model
-        self.chief = is_chief(strategy)
+        self.chief = writes_workdir(strategy)
         ckpt_dir = os.path.join(workdir, "checkpoints")
         if not self.chief:
             ckpt_dir = os.path.join(workdir, "tmp_worker", str(strategy.cluster_resolver.task_id))
