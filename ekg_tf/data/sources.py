@@ -11,7 +11,7 @@ turns them into normalised, augmented, per-replica batches.
 - `digits`: scikit-learn's bundled handwritten digits (1,797 real 8x8 greyscale scans,
   10 classes, installed with scikit-learn: no download), scaled to 0..255, resized to
   `data.image_size` and repeated over 3 channels; a fixed stratified split, 20% of each
-  class for the test split (360 images), the rest for training (1,437). The quickstart's
+  class for the test split (359 images), the rest for training (1,438). The quickstart's
   real data.
 - `synthetic`: deterministic generated images (class-dependent colour blobs and
   stripes plus noise). Only for fast tests; not real data.
