@@ -51,9 +51,14 @@ def make_config(args, mode):
 
 
 def mode_workdir(args, mode):
-    """`<out>/<mode>/` with its own copy of the search outputs (the source is never written)."""
+    """`<out>/<mode>/` with its own copy of the search outputs (the source is never written;
+    plain fine-tuning needs no memory bank)."""
     wd = os.path.join(args.out, mode)
-    for name in ("search", "memory_bank"):
+    names = ("search",) if mode == "plain" else ("search", "memory_bank")
+    if "memory_bank" in names and not os.path.exists(
+            os.path.join(args.search_workdir, "memory_bank", "meta.json")):
+        sys.exit(f"{args.search_workdir}/memory_bank is not complete (no meta.json) yet")
+    for name in names:
         dst = os.path.join(wd, name)
         if not os.path.exists(dst):
             tmp = dst + ".copying"
