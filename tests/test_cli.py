@@ -83,22 +83,3 @@ def test_eval_tfds_without_network_explains_alternatives(tmp_path, reference_npz
         f"--config.data.tfds_data_dir={tmp_path}")
     assert code == 2 and "Traceback" not in err
     assert "--config.data.source=npz" in err and "tfds_manual_dir" in err
-
-
-def test_train_quickstart_runs_and_resumes(tmp_path):
-    args = ["--config=configs/synthetic.py", f"--workdir={tmp_path}",
-            "--config.train.steps=6", "--config.data.synthetic_train_size=256",
-            "--config.data.synthetic_test_size=64", "--config.train.checkpoint_every_steps=3"]
-    code, result, err = run_cli("ekg_tf.cli.train", *args)
-    assert code == 0, err[-2000:]
-    assert result["steps"] == 6 and 0.0 <= result["top1"] <= 1.0
-    assert os.path.exists(tmp_path / "model.weights.h5")
-    assert os.path.exists(tmp_path / "accuracy_per_epoch.png")
-    code, result, err = run_cli("ekg_tf.cli.train", *args[:-1], "--config.train.steps=8")
-    assert code == 0, err[-2000:]
-    assert result["steps"] == 8  # resumed from step 6, not restarted
-    code, evaluated, err = run_cli("ekg_tf.cli.eval", "--config=configs/synthetic.py",
-                                   f"--config.model.init={tmp_path / 'model.weights.h5'}",
-                                   "--config.data.synthetic_test_size=64")
-    assert code == 0, err[-2000:]
-    assert evaluated["top1"] == pytest.approx(result["top1"], abs=1e-6)

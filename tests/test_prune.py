@@ -108,6 +108,15 @@ def test_one_command_one_report(uninterrupted):
     assert data["config"]["search"]["target_ratio"] == 0.93
     assert os.listdir(workdir / "tensorboard" / "report")
     assert not temporaries(workdir)
+    # the train stage's weights are what ekg-eval reads back (the train stage's own number)
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    out = subprocess.run([sys.executable, "-m", "ekg_tf.cli.eval", *TINY[:3],
+                          f"--config.model.init={workdir / 'train' / 'model.weights.h5'}"],
+                         cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    trained = json.loads((workdir / "stages" / "train.json").read_text())["result"]
+    assert json.loads(out.stdout.splitlines()[-1])["top1"] == pytest.approx(trained["top1"],
+                                                                          abs=1e-6)
 
 
 def _kill_when(proc, ready, what, timeout=600):
