@@ -16,7 +16,6 @@ export at a time writes an export directory (a lock).
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import dataclasses
 import json
 import os
@@ -27,6 +26,7 @@ import time
 import numpy as np
 import keras
 
+from ekg_tf.errors import UserError
 from ekg_tf.slimming import fold_batch_norm
 from ekg_tf.utils.io import (atomic_path, atomic_write_text, directory_lock,
                              remove_temporaries)
@@ -137,6 +137,7 @@ def _edge_saved_model(model: keras.Model, path: str) -> str:
 
 def export_all(req: ExportRequest, progress=print) -> dict:
     """Writes and verifies every artifact; returns the report (status 'ok' or 'failed')."""
+    _check_request(req)  # bad settings write nothing, not even the lock
     with directory_lock(req.export_dir, "this export directory"):
         removed = remove_temporaries(req.export_dir)
         if removed:

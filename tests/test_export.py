@@ -167,7 +167,7 @@ def test_version_policy_unit(tmp_path):
     assert resolve_version(str(tmp_path), "m", 0, "xyz") == 4
     assert resolve_version(str(tmp_path), "m", 3, "abc") == 3  # same model: may re-export
     assert resolve_version(str(tmp_path), "m", 5, "xyz") == 5
-    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    with pytest.raises(UserError, match="refusing to overwrite"):
         resolve_version(str(tmp_path), "m", 3, "xyz")
 
 
