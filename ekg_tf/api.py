@@ -22,7 +22,6 @@ without it they run in a temporary directory.
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import contextlib
 import dataclasses
 import os
@@ -33,6 +32,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.errors import UserError
 from ekg_tf.graph import dependency_graph
 from ekg_tf.graph.gated import GatedModel
 from ekg_tf.subnet import SubnetSpec

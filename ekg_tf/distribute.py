@@ -1,11 +1,12 @@
 """Choosing the tf.distribute strategy, and jit policy."""
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import json
 import os
 
 import tensorflow as tf
+
+from ekg_tf.errors import UserError
 
 
 def make_strategy(name: str = "mirrored") -> tf.distribute.Strategy:

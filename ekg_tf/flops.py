@@ -17,13 +17,13 @@ Reported numbers:
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import dataclasses
 from typing import Mapping
 
 import keras
 import numpy as np
 
+from ekg_tf.errors import UserError
 from ekg_tf.graph import rules as rules_lib
 from ekg_tf.graph.gates import kept_count
 from ekg_tf.graph.rules import IN, OUT

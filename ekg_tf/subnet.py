@@ -11,13 +11,13 @@ the same names and channel counts.
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import dataclasses
 import json
 import os
 
 import numpy as np
 
+from ekg_tf.errors import UserError
 from ekg_tf.graph.gates import kept_count
 from ekg_tf.utils.io import atomic_write_text
 

@@ -16,13 +16,14 @@ quantized by the converter's own MLIR quantizer.
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import os
 import tempfile
 import warnings
 
 import numpy as np
 import tensorflow as tf
+
+from ekg_tf.errors import UserError
 
 CALIBRATIONS = ("mse", "minmax")
 # Candidate ranges: these fractions of the observed [min, max].

@@ -5,11 +5,11 @@ model) and returns `logits`.
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import numpy as np
 import tensorflow as tf
 import keras
 
+from ekg_tf.errors import UserError
 from ekg_tf.utils.io import atomic_path
 
 

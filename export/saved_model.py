@@ -12,7 +12,6 @@ TF Serving (which polls the base path) never sees half a model.
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import hashlib
 import json
 import os
@@ -22,6 +21,8 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 import keras
+
+from ekg_tf.errors import UserError
 
 CONTRACTS = ("images", "images_uint8", "image_bytes")
 OUTPUTS = ("logits", "probabilities", "classes")

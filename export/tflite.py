@@ -10,10 +10,10 @@ Edge models take normalised float32 images `images` and return `logits`.
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.errors import UserError
 from ekg_tf.export import int8_calibration
 
 QUANT_MODES = ("none", "float16", "dynamic", "int8")

@@ -6,13 +6,13 @@ weights (.npz/.pkl/.weights.h5/checkpoint), which are slimmed with the spec.
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import os
 
 from ekg_tf.cli import common
 
 # Where the fine-tuning stage (ekg_tf/finetune/runner.py) leaves its plain Keras
 # models, in order of preference.
+from ekg_tf.errors import UserError
 FINETUNED_CANDIDATES = ("best.keras", "last.keras", "best.weights.h5", "last.weights.h5")
 # The search's adapted gated weights (the ranks of subnet.json were computed on them).
 SEARCH_WEIGHTS = os.path.join("search", "weights.weights.h5")

@@ -10,11 +10,12 @@ mean/std normalisation in RGB.
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import dataclasses
 
 import numpy as np
 import tensorflow as tf
+
+from ekg_tf.errors import UserError
 
 NORMALIZATION = {
     "cifar10": ((113.9, 123.0, 125.3), (66.7, 62.1, 63.0)),

@@ -18,12 +18,13 @@ turns them into normalised, augmented, per-replica batches.
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import dataclasses
 import os
 
 import numpy as np
 import tensorflow as tf
+
+from ekg_tf.errors import UserError
 
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "imagenet2012": 1000, "imagenet": 1000,
                "synthetic": 10, "digits": 10}

@@ -11,9 +11,9 @@ are the original model's (training the clone trains the model).
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import keras
 
+from ekg_tf.errors import UserError
 from ekg_tf.graph.dependency import DependencyGraph, dependency_graph
 from ekg_tf.graph.forward import MaskedForward, SlicedForward
 from ekg_tf.graph.gates import GateGroup

@@ -13,12 +13,12 @@ node on, given the tensors live there (the search's prefix cache).
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import dataclasses
 from typing import Callable
 
 import keras
 
+from ekg_tf.errors import UserError
 from ekg_tf.graph import keras_compat as compat
 
 

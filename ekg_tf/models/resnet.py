@@ -16,10 +16,11 @@ Layer names follow the reference's variables: `conv`/`bn` (stem), then
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import dataclasses
 
 import keras
+
+from ekg_tf.errors import UserError
 
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9

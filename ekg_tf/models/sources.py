@@ -14,12 +14,12 @@
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import os
 
 import keras
 
 from ekg_tf.data.preprocessing import APPLICATIONS_PREFIX
+from ekg_tf.errors import UserError
 from ekg_tf.models.resnet import build_model
 
 

@@ -10,11 +10,11 @@ global batch's statistics, so N replicas give what one device gives.
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import numpy as np
 import tensorflow as tf
 import keras
 
+from ekg_tf.errors import UserError
 from ekg_tf.train.loop import Trainer
 
 

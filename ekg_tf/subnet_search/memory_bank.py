@@ -36,7 +36,6 @@ the top classes; the dense form is exact up to float16 rounding (~1e-3 relative)
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import json
 import os
 import time
@@ -44,6 +43,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.errors import UserError
 from ekg_tf.utils.io import atomic_path, atomic_write_json
 
 FORMAT = "ekg-memory-bank-v1"

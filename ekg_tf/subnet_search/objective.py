@@ -8,9 +8,10 @@ validation accuracy, ties broken by lower loss).
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import numpy as np
 import tensorflow as tf
+
+from ekg_tf.errors import UserError
 
 OBJECTIVES = ("ekg", "loss", "accuracy")
 

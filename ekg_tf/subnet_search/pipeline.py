@@ -6,7 +6,6 @@ complete one with the same teachers exists).
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import json
 import os
 import sys
@@ -20,6 +19,7 @@ from ekg_tf.config import resolve
 from ekg_tf.data import load_arrays, normalize, num_classes_for, reference_split_indices
 from ekg_tf.data.pipeline import input_fn
 from ekg_tf.distribute import make_strategy
+from ekg_tf.errors import UserError
 from ekg_tf.finetune.runner import resolve_temperature
 from ekg_tf.graph.gated import GatedModel
 from ekg_tf.models.sources import model_from_config, model_identity, model_kind

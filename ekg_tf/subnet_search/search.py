@@ -8,7 +8,6 @@ the knowledge `K`, write the state. Stops at MACs(sub)/MACs(full) <= target.
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import dataclasses
 import time
 from typing import Callable
@@ -16,6 +15,7 @@ from typing import Callable
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.errors import UserError
 from ekg_tf.flops import ComplexityCounter
 from ekg_tf.subnet_search import scoring
 from ekg_tf.subnet_search.evaluator import SubnetEvaluator

@@ -13,7 +13,6 @@ Layout under `workdir/search/`:
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import dataclasses
 import glob
 import json
@@ -21,6 +20,7 @@ import os
 
 import numpy as np
 
+from ekg_tf.errors import UserError
 from ekg_tf.utils.io import atomic_path, atomic_write_json
 
 FORMAT_VERSION = 1

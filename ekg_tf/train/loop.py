@@ -13,7 +13,6 @@ NaN/Inf detection that stops with the last good checkpoint kept.
 """
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import contextlib
 import dataclasses
 import json
@@ -26,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from ekg_tf.errors import UserError
 from ekg_tf.graph import keras_compat
 from ekg_tf.utils.io import atomic_write_json
 from ekg_tf.utils.progress import ProgressBar

@@ -1,11 +1,12 @@
 """Optimizer and learning-rate schedules (SGD + Nesterov as the reference)."""
 from __future__ import annotations
 
-from ekg_tf.errors import UserError
 import math
 
 import keras
 import tensorflow as tf
+
+from ekg_tf.errors import UserError
 
 
 class StepSchedule(keras.optimizers.schedules.LearningRateSchedule):
