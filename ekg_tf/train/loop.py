@@ -10,6 +10,12 @@ forward/backward is XLA-compiled (compiling the whole distributed step fails).
 `fit` adds checkpoints (exact resume: the data pipeline is keyed by epoch and
 batch), TensorBoard summaries, a progress bar, evaluation each epoch and
 NaN/Inf detection that stops with the last good checkpoint kept.
+
+A step reads nothing back to the host: the step's [loss, correct, images] are summed in
+a device variable, and `fit` reads the sums every `log_every` steps and before every
+checkpoint or evaluation (one read-back), for TensorBoard, the progress bar and the
+NaN/Inf check (so a diverged run is still never checkpointed). Per step the loop only
+pulls the next batch and launches the step.
 """
 from __future__ import annotations
 
@@ -66,6 +72,10 @@ class Trainer:
         self.jit_compile = jit_compile
         with strategy.scope():
             optimizer.build(self.variables)
+        # [loss, correct, images] summed over the steps since the last `read_metrics`: kept
+        # on the device so that a step needs no host read-back (a GPU keeps running ahead).
+        self._metric_sums = tf.Variable(tf.zeros([3]), trainable=False,
+                                        name="train_metric_sums")
 
         def forward_backward(batch):
             with tf.GradientTape() as tape:
@@ -94,7 +104,16 @@ class Trainer:
 
     def _distributed_step(self, dist_batch):
         per_replica = self.strategy.run(self._replica_step, args=(dist_batch,))
-        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        sums = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        self._metric_sums.assign_add(sums)
+        return sums
+
+    def read_metrics(self) -> np.ndarray:
+        """[loss, correct, images] summed over the steps since the last call (one host
+        read-back), and starts a new sum."""
+        sums = self._metric_sums.numpy()
+        self._metric_sums.assign(tf.zeros([3]))
+        return sums
 
 
 def synchronize_batch_norm(model, strategy, enabled: bool = True) -> None:
@@ -248,6 +267,23 @@ def fit(trainer: Trainer, *, workdir: str, make_train_input: Callable, steps_per
     running = np.zeros(3)
     last_eval = state["history"][-1] if state["history"] else {}
     end_step = min(total_steps, stop_at_step or total_steps)
+    trainer.read_metrics()  # a fresh sum (a Trainer may have stepped before)
+    read_at = step  # metrics on the host up to this step
+
+    def read_back():
+        """The device-side sums since the last read-back, added to `running`; a non-finite
+        loss stops the run (checked at every read-back, so before every checkpoint)."""
+        nonlocal read_at, images
+        sums = trainer.read_metrics()
+        if not np.isfinite(sums[0]):
+            ckpts.diverged(f"{read_at + 1}" if step == read_at + 1 else
+                           f"{step} (or earlier, after step {read_at})",
+                           f"the loss became {sums[0]}")
+        read_at = step
+        running[:] += sums
+        images += int(sums[2])
+        return sums
+
     with writer.as_default():
         while step < end_step:
             try:
@@ -255,19 +291,24 @@ def fit(trainer: Trainer, *, workdir: str, make_train_input: Callable, steps_per
             except StopIteration:
                 raise UserError(f"the training data ran out at step {step} of {total_steps}; "
                                 "is the training split smaller than one batch?") from None
-            loss, correct, count = trainer.train_step(batch).numpy()
-            if not np.isfinite(loss):
-                ckpts.diverged(step + 1, f"the loss became {loss}")
+            trainer.train_step(batch)  # no read-back: the sums stay on the device
             step += 1
-            images += int(count)
-            running += (loss, correct, count)
-            bar.update(1, items=int(count), loss=float(loss))
-            if step % log_every == 0 or step == total_steps:
+            epoch_end = step % steps_per_epoch == 0
+            evaluate_now = evaluate_fn and (step == total_steps or (
+                epoch_end and (step // steps_per_epoch) % eval_every_epochs == 0))
+            save_now = evaluate_now or step % checkpoint_every == 0
+            log_now = step % log_every == 0 or step == total_steps
+            if log_now or save_now or step == end_step:
+                steps_read = step - read_at
+                sums = read_back()  # the bar shows the mean loss since the last read-back
+                bar.update(1, items=trainer.global_batch_size,
+                           loss=float(sums[0] / max(steps_read, 1)))
+            else:
+                bar.update(1, items=trainer.global_batch_size)
+            if log_now:
                 _write_train_scalars(running, log_every, optimizer, images, t0, step)
                 running[:] = 0
-            epoch_end = step % steps_per_epoch == 0
-            if evaluate_fn and (step == total_steps or
-                                (epoch_end and (step // steps_per_epoch) % eval_every_epochs == 0)):
+            if evaluate_now:
                 result = dict(evaluate_fn())
                 result.update(step=step, epoch=step / steps_per_epoch)
                 last_eval = result
@@ -275,7 +316,7 @@ def fit(trainer: Trainer, *, workdir: str, make_train_input: Callable, steps_per
                 if on_epoch_end:
                     on_epoch_end(state["history"])
                 ckpts.save(step)
-            elif step % checkpoint_every == 0:
+            elif save_now:
                 ckpts.save(step)
     if not ckpts.saved_at(step):
         ckpts.save(step)
