@@ -386,7 +386,8 @@ def make_trainer(config, model, strategy, batch: int, total_steps: int, log):
             "finetune.teacher_selection=replica to compile)")
         jit = False
     return train.Trainer(model, optimizer, strategy, batch, float(ft.weight_decay),
-                         loss_fn=loss_fn, grad_scale=1.0 / views, jit_compile=jit), views
+                         loss_fn=loss_fn, grad_scale=1.0 / views, jit_compile=jit,
+                         fused_batch_norm=True), views
 
 
 def save_models(model, out_dir) -> tuple:

@@ -33,6 +33,7 @@ from absl import logging
 
 from ekg_tf.errors import UserError
 from ekg_tf.graph import keras_compat
+from ekg_tf.train.fused_bn import use_fused_batch_norm
 from ekg_tf.utils.io import atomic_write_json
 from ekg_tf.utils.progress import ProgressBar
 
@@ -55,8 +56,11 @@ class Trainer:
 
     def __init__(self, model, optimizer, strategy, global_batch_size: int,
                  weight_decay: float = 0.0, loss_fn: Callable = cross_entropy_loss,
-                 grad_scale: float = 1.0, jit_compile: bool = False):
+                 grad_scale: float = 1.0, jit_compile: bool = False,
+                 fused_batch_norm: bool = False):
         self.model, self.optimizer, self.strategy = model, optimizer, strategy
+        if fused_batch_norm:  # the same results in fewer ops (ekg_tf.train.fused_bn)
+            use_fused_batch_norm(model)
         self.global_batch_size = int(global_batch_size)
         self.weight_decay = float(weight_decay)
         self.loss_fn = loss_fn

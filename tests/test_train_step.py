@@ -1,0 +1,177 @@
+"""The fast training step gives the results of the plain one.
+
+- fused BatchNormalization (`ekg_tf.train.fused_bn`) == Keras' BatchNormalization: outputs,
+  gradients, moving statistics, inference;
+- the distillation views as one batch of 2B == two passes (BN alike), and BN's statistics
+  are those of both views (the reference's);
+- metrics read back every N steps reach TensorBoard and the progress bar.
+"""
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+from ekg_tf.models import build_model
+from ekg_tf.train.fused_bn import use_fused_batch_norm
+
+ARCH = "resnet20"
+
+
+def _pair(seed=0):
+    keras.utils.set_random_seed(seed)
+    a = build_model(ARCH, 10)
+    b = keras.models.clone_model(a)
+    b.set_weights(a.get_weights())
+    rng = np.random.default_rng(seed)
+    for layer in a.layers:  # not the initial statistics: make the inference check count
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(size=layer.moving_mean.shape) * 0.1)
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, layer.gamma.shape))
+    b.set_weights(a.get_weights())
+    return a, b
+
+
+def test_fused_batch_norm_equals_keras():
+    keras_model, fused = _pair()
+    assert use_fused_batch_norm(fused) == sum(
+        isinstance(l, keras.layers.BatchNormalization) for l in fused.layers) > 0
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, 8)
+
+    @tf.function
+    def step(model):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            loss = tf.reduce_mean(tf.keras.losses.sparse_categorical_crossentropy(
+                y, logits, from_logits=True))
+        return logits, tape.gradient(loss, model.trainable_variables)
+
+    la, ga = step(keras_model)
+    lb, gb = step(fused)
+    np.testing.assert_allclose(lb, la, rtol=1e-4, atol=1e-5)
+    for a, b in zip(ga, gb):
+        np.testing.assert_allclose(b, a, rtol=1e-3, atol=1e-5 * float(tf.reduce_max(tf.abs(a))))
+    for a, b in zip(keras_model.weights, fused.weights):  # moving statistics (biased variance)
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+    np.testing.assert_allclose(fused(x, training=False), keras_model(x, training=False),
+                               rtol=1e-4, atol=1e-5)
+    assert "FusedBatchNormV3" in {op.type for op in
+                                  step.get_concrete_function(fused).graph.get_operations()} \
+        or any("FusedBatchNorm" in f.signature.name or any(
+            "FusedBatchNorm" in n.op for n in f.node_def)
+            for f in step.get_concrete_function(fused).graph.as_graph_def().library.function)
+
+
+# ----------------------------------------------------------------- two views, one batch
+def _ekg_batch(batch=8, views=2, teachers=3, seed=2):
+    rng = np.random.default_rng(seed)
+    images = rng.normal(size=(batch, views, 32, 32, 3)).astype(np.float32)
+    labels = rng.integers(0, 10, batch).astype(np.int32)
+    index = np.arange(batch, dtype=np.int64)
+    logits = rng.normal(size=(batch, 10, teachers)).astype(np.float32) * 3
+    return images, labels, index, logits
+
+
+def _two_pass_loss(temperature):
+    """The views as separate forward passes (the same loss of spec section 7 on top)."""
+    from ekg_tf.finetune.distill import ekg_loss
+
+    def loss_fn(model, batch, global_batch_size):
+        images, labels, teachers = batch[0], tf.cast(batch[1], tf.int32), batch[-1]
+        logits = tf.stack([model(images[:, v], training=True)
+                           for v in range(images.shape[1])], axis=1)
+        loss, _ = ekg_loss(logits, labels, teachers, temperature, global_batch_size)
+        return loss, logits, labels
+    return loss_fn
+
+
+def _one_step(loss_fn, batch, freeze_bn):
+    from ekg_tf import train
+    from ekg_tf.config import base_config
+    model, _ = _pair()
+    if freeze_bn:
+        for layer in model.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
+    strategy = tf.distribute.get_strategy()
+    opt = train.make_optimizer(base_config().train, 100)
+    trainer = train.Trainer(model, opt, strategy, len(batch[1]), 5e-4, loss_fn=loss_fn,
+                            grad_scale=0.5, fused_batch_norm=True)
+    before = [w.numpy().copy() for w in model.weights]
+    out = trainer.train_step(tuple(tf.constant(b) for b in batch)).numpy()
+    return model, before, [w.numpy() for w in model.weights], out
+
+
+def test_two_views_in_one_batch_equal_two_passes():
+    """One forward of the 2B batch (as the reference: [B, V, ...] reshaped to [B*V, ...])
+    == the views as two passes, when BN normalises both alike (moving statistics: BN not
+    trainable); the update is the same within float32 rounding (rtol 1e-4 of the move)."""
+    from ekg_tf.finetune.distill import make_distillation_loss
+    batch = _ekg_batch()
+    _, w0, one, out1 = _one_step(make_distillation_loss(4.0), batch, freeze_bn=True)
+    _, _, two, out2 = _one_step(_two_pass_loss(4.0), batch, freeze_bn=True)
+    np.testing.assert_allclose(out1, out2, rtol=1e-5)
+    moved = max(np.abs(a - b).max() for a, b in zip(w0, one))
+    diff = max(np.abs(a - b).max() for a, b in zip(one, two))
+    assert moved > 1e-3 and diff <= 1e-4 * moved, (moved, diff)
+
+
+def test_two_view_batch_norm_uses_the_statistics_of_both_views():
+    """BN training mode: the 2B batch's statistics (the reference's), one moving-average
+    update per step: the first BN layer's moving mean moves to 0.9 m + 0.1 mean(2B)."""
+    from ekg_tf.finetune.distill import make_distillation_loss
+    batch = _ekg_batch()
+    model, w0, _, _ = _one_step(make_distillation_loss(4.0), batch, freeze_bn=False)
+    bn = next(l for l in model.layers if isinstance(l, keras.layers.BatchNormalization))
+    pre = keras.Model(model.inputs, model.get_layer(bn.name).input)
+    pre.set_weights([w for w, v in zip(w0, model.weights)
+                     if any(v is u for u in pre.weights)])
+    x = batch[0].reshape(-1, 32, 32, 3)
+    joint = pre(x, training=False).numpy().reshape(-1, bn.moving_mean.shape[0]).mean(0)
+    m0 = w0[[i for i, v in enumerate(model.weights) if v is bn.moving_mean][0]]
+    np.testing.assert_allclose(bn.moving_mean.numpy(), 0.9 * m0 + 0.1 * joint,
+                               rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------- metrics every N steps
+def test_metrics_read_back_every_n_steps_reach_tensorboard_and_progress_bar(tmp_path, capsys):
+    """fit reads the device-side sums every log_every (3) steps and at the end (7): the
+    TensorBoard 'loss' is the mean of the per-step losses (as stepped one by one with a
+    read-back each), the bar shows the last read-back's mean loss and counts 7 steps."""
+    from ekg_tf import train
+    from ekg_tf.config import base_config
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(7 * 8, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, 7 * 8)
+    strategy = tf.distribute.get_strategy()
+
+    def trainer():
+        model, _ = _pair()
+        return train.Trainer(model, train.make_optimizer(base_config().train, 7), strategy, 8,
+                             5e-4, fused_batch_norm=True)
+
+    def batches(start_epoch=0, skip=0):
+        return strategy.experimental_distribute_dataset(
+            tf.data.Dataset.from_tensor_slices((x, y)).batch(8).skip(skip))
+
+    stepped = trainer()
+    per_step = [float(stepped.train_step(b).numpy()[0]) for b in batches()]
+    capsys.readouterr()
+    train.fit(trainer(), workdir=str(tmp_path), make_train_input=batches, steps_per_epoch=7,
+              total_steps=7, log_every=3, checkpoint_every=100, name="t")
+    err = capsys.readouterr().err
+    scalars = {}
+    for path in tf.io.gfile.glob(str(tmp_path / "tensorboard" / "t" / "events.*")):
+        for event in tf.compat.v1.train.summary_iterator(path):
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, {})[event.step] = float(tf.make_ndarray(v.tensor))
+    assert sorted(scalars["loss"]) == [3, 6, 7]
+    np.testing.assert_allclose(scalars["loss"][3], np.mean(per_step[0:3]), rtol=1e-4)
+    np.testing.assert_allclose(scalars["loss"][6], np.mean(per_step[3:6]), rtol=1e-4)
+    np.testing.assert_allclose(scalars["loss"][7], per_step[6] / 3, rtol=1e-4)  # /log_every
+    last = err.rsplit("\r", 1)[-1]
+    assert "7/7" in last, last
+    shown = float(last.split("loss=")[1].split()[0])
+    np.testing.assert_allclose(shown, per_step[6], rtol=1e-3)
