@@ -65,6 +65,7 @@ def train_config():
         log_every_steps=50,
         seed=0,
         jit_compile="auto",     # auto (on for GPU, off for CPU) | true | false
+        precision="float32",    # float32 | mixed_bfloat16 | mixed_float16 (f32 master weights)
     ))
 
 

@@ -4,7 +4,8 @@
   gradients, moving statistics, inference;
 - the distillation views as one batch of 2B == two passes (BN alike), and BN's statistics
   are those of both views (the reference's);
-- metrics read back every N steps reach TensorBoard and the progress bar.
+- metrics read back every N steps reach TensorBoard and the progress bar;
+- train.precision mixed_bfloat16 / mixed_float16 keeps float32 variables.
 """
 import numpy as np
 import pytest
@@ -175,3 +176,43 @@ def test_metrics_read_back_every_n_steps_reach_tensorboard_and_progress_bar(tmp_
     assert "7/7" in last, last
     shown = float(last.split("loss=")[1].split()[0])
     np.testing.assert_allclose(shown, per_step[6], rtol=1e-3)
+
+
+# ----------------------------------------------------------------- mixed precision
+@pytest.mark.parametrize("precision", ["mixed_bfloat16", "mixed_float16"])
+def test_mixed_precision_keeps_float32_variables(precision):
+    """The step computes in bf16/f16 (its graph has Conv2D ops of that dtype) while every
+    variable (weights, BN statistics, optimizer slots) stays float32; the step's loss is
+    float32 and within 2% of float32's; evaluation/saving see float32 layers afterwards."""
+    from ekg_tf import train
+    from ekg_tf.config import base_config
+    from ekg_tf.train.precision import wrap_optimizer
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(8, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, 8)
+    strategy = tf.distribute.get_strategy()
+    losses = {}
+    for p in ("float32", precision):
+        model, _ = _pair()
+        opt = wrap_optimizer(train.make_optimizer(base_config().train, 10), p)
+        trainer = train.Trainer(model, opt, strategy, 8, 5e-4, fused_batch_norm=True,
+                                precision=p)
+        out = trainer.train_step((tf.constant(x), tf.constant(y)))
+        assert out.dtype == tf.float32
+        losses[p] = float(out.numpy()[0])
+        assert int(opt.iterations.numpy()) == 1
+    compute = {"mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}[precision]
+    graph = trainer.train_step.get_concrete_function(
+        (tf.TensorSpec(x.shape, tf.float32), tf.TensorSpec(y.shape, tf.int64))).graph
+    dtypes = set()
+    for f in graph.as_graph_def().library.function:
+        for node in f.node_def:
+            if node.op.endswith("Conv2D"):
+                dtypes.add(node.attr["T"].type)
+    assert compute.as_datatype_enum in dtypes, dtypes
+    assert {v.dtype for v in model.weights} == {"float32"}
+    assert all(v.dtype == "float32" for v in opt.variables if "iteration" not in v.path
+               and v.dtype != "int64")
+    np.testing.assert_allclose(losses[precision], losses["float32"], rtol=2e-2)
+    assert {l.compute_dtype for l in model.layers} == {"float32"}
+    assert model(x, training=False).dtype == "float32"

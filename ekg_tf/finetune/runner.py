@@ -43,6 +43,7 @@ from ekg_tf.config import resolve
 from ekg_tf.data.pipeline import steps_per_epoch as count_steps
 from ekg_tf.distribute import make_strategy, use_jit
 from ekg_tf.finetune.distill import SELECTIONS, make_distillation_loss
+from ekg_tf.train.precision import check_precision, wrap_optimizer
 from ekg_tf.subnet_search.memory_bank import MemoryBank, build_memory_bank
 from ekg_tf.slimming import recalibrate_batch_norm, slim_model
 from ekg_tf.subnet import SubnetSpec
@@ -83,6 +84,7 @@ def check_settings(config):
     if ft.teacher_selection not in SELECTIONS:
         raise UserError(f"unknown finetune.teacher_selection {ft.teacher_selection!r}; "
                         f"choose one of {SELECTIONS}")
+    check_precision(config.train.precision)
     if int(ft.views) < 1:
         raise UserError(f"finetune.views must be >= 1, got {ft.views}")
     if int(ft.epochs) < 1 and int(ft.steps) < 1:
@@ -370,7 +372,8 @@ def make_trainer(config, model, strategy, batch: int, total_steps: int, log):
     ft = config.finetune
     mode = ft.mode
     with strategy.scope():
-        optimizer = train.make_optimizer(optimizer_config(config), total_steps)
+        optimizer = wrap_optimizer(train.make_optimizer(optimizer_config(config), total_steps),
+                                   config.train.precision)
     views = 1 if mode == "plain" else int(ft.views)
     loss_fn = (train.cross_entropy_loss if mode == "plain" else
                make_distillation_loss(resolve_temperature(config), ft.teacher_selection,
@@ -387,7 +390,19 @@ def make_trainer(config, model, strategy, batch: int, total_steps: int, log):
         jit = False
     return train.Trainer(model, optimizer, strategy, batch, float(ft.weight_decay),
                          loss_fn=loss_fn, grad_scale=1.0 / views, jit_compile=jit,
-                         fused_batch_norm=True), views
+                         fused_batch_norm=True, precision=config.train.precision), views
+
+
+def training_settings(config, strategy, trainer) -> dict:
+    """What the step ran with (the run report's settings; docs/performance.md)."""
+    return {"strategy": type(strategy).__name__, "replicas": strategy.num_replicas_in_sync,
+            "devices": list(getattr(strategy.extended, "worker_devices", [])),
+            "precision": trainer.precision, "jit_compile": bool(trainer.jit_compile),
+            "jit_compile_setting": str(config.train.jit_compile),
+            "fused_batch_norm": True, "sync_bn": bool(config.model.sync_bn),
+            "metrics_every_steps": int(config.train.log_every_steps),
+            "input": "distribute_datasets_from_function, tf.data prefetch(AUTOTUNE), "
+                     "prefetch to device (InputOptions.experimental_fetch_to_device)"}
 
 
 def save_models(model, out_dir) -> tuple:
@@ -481,6 +496,7 @@ def run_finetune(config, workdir: str, log=None, stop_at_step: int | None = None
            "macs": complexity.macs, "params": complexity.params,
            "macs_ratio": complexity.macs / full.macs, "params_ratio": complexity.params / full.params,
            "replicas": strategy.num_replicas_in_sync, "weights_source": weights_source,
+           "settings": training_settings(config, strategy, trainer),
            "status": "done" if result.steps >= steps.total_steps else "incomplete",
            "best": best_path, "last": last_path, "workdir": workdir}
     atomic_write_json(os.path.join(out_dir, "result.json"), out)

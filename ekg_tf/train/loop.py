@@ -34,6 +34,7 @@ from absl import logging
 from ekg_tf.errors import UserError
 from ekg_tf.graph import keras_compat
 from ekg_tf.train.fused_bn import use_fused_batch_norm
+from ekg_tf.train.precision import check_precision, compute_precision, loss_scale
 from ekg_tf.utils.io import atomic_write_json
 from ekg_tf.utils.progress import ProgressBar
 
@@ -45,7 +46,7 @@ class TrainingDiverged(UserError, RuntimeError):
 def cross_entropy_loss(model, batch, global_batch_size):
     """Plain CE on one view; returns (loss over the global batch, logits, labels)."""
     images, labels = batch[0], tf.cast(batch[1], tf.int32)
-    logits = model(images, training=True)
+    logits = tf.cast(model(images, training=True), tf.float32)  # mixed precision: loss in f32
     per_example = tf.keras.losses.sparse_categorical_crossentropy(labels, logits,
                                                                   from_logits=True)
     return tf.reduce_sum(per_example) / global_batch_size, logits, labels
@@ -57,8 +58,9 @@ class Trainer:
     def __init__(self, model, optimizer, strategy, global_batch_size: int,
                  weight_decay: float = 0.0, loss_fn: Callable = cross_entropy_loss,
                  grad_scale: float = 1.0, jit_compile: bool = False,
-                 fused_batch_norm: bool = False):
+                 fused_batch_norm: bool = False, precision: str = "float32"):
         self.model, self.optimizer, self.strategy = model, optimizer, strategy
+        self.precision = check_precision(precision)
         if fused_batch_norm:  # the same results in fewer ops (ekg_tf.train.fused_bn)
             use_fused_batch_norm(model)
         self.global_batch_size = int(global_batch_size)
@@ -76,6 +78,7 @@ class Trainer:
         self.jit_compile = jit_compile
         with strategy.scope():
             optimizer.build(self.variables)
+        self._loss_scale = loss_scale(optimizer)  # mixed_float16 (LossScaleOptimizer)
         # [loss, correct, images] summed over the steps since the last `read_metrics`: kept
         # on the device so that a step needs no host read-back (a GPU keeps running ahead).
         self._metric_sums = tf.Variable(tf.zeros([3]), trainable=False,
@@ -83,9 +86,14 @@ class Trainer:
 
         def forward_backward(batch):
             with tf.GradientTape() as tape:
-                loss, logits, labels = self.loss_fn(self.model, batch, self.global_batch_size)
-            grads = tape.gradient(loss, self.variables)
-            return loss, grads, logits, labels
+                with compute_precision(self.model, self.precision):
+                    loss, logits, labels = self.loss_fn(self.model, batch,
+                                                        self.global_batch_size)
+                loss = tf.cast(loss, tf.float32)
+                scaled = self.optimizer.scale_loss(loss) if self._loss_scale is not None \
+                    else loss
+            grads = tape.gradient(scaled, self.variables)
+            return loss, grads, tf.cast(logits, tf.float32), labels
 
         self._forward_backward = (tf.function(forward_backward, jit_compile=True)
                                   if jit_compile else forward_backward)
@@ -95,6 +103,8 @@ class Trainer:
         loss, grads, logits, labels = self._forward_backward(batch)
         replicas = tf.distribute.get_replica_context().num_replicas_in_sync
         decay = self.weight_decay / replicas
+        if self._loss_scale is not None:  # the optimizer unscales the gradients: decay too
+            decay = decay * tf.cast(self._loss_scale, tf.float32)
         grads = [g * self.grad_scale + decay * v for g, v in zip(grads, self.variables)]
         self.optimizer.apply_gradients(zip(grads, self.variables))
         count = tf.cast(tf.shape(labels)[0], tf.float32)  # images, not views
@@ -107,7 +117,13 @@ class Trainer:
         return tf.stack([loss, correct, count])
 
     def _distributed_step(self, dist_batch):
+        iterations = tf.identity(self.optimizer.iterations) if self._loss_scale is not None \
+            else None
         per_replica = self.strategy.run(self._replica_step, args=(dist_batch,))
+        if iterations is not None:
+            # A step the loss scaler skipped (gradients not finite) still counts: the
+            # schedule, checkpoints and the resumed data position follow fit's steps.
+            self.optimizer.iterations.assign(iterations + 1)
         sums = self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
         self._metric_sums.assign_add(sums)
         return sums

@@ -16,6 +16,7 @@ from ekg_tf import data, flops, train
 from ekg_tf.config import resolve
 from ekg_tf.distribute import make_strategy, use_jit
 from ekg_tf.errors import UserError
+from ekg_tf.train.precision import wrap_optimizer
 from ekg_tf.utils.io import atomic_path, atomic_write_json
 from ekg_tf.utils.plots import save_line_plot
 
@@ -48,9 +49,10 @@ def run_train(config, workdir: str, log=None, strategy=None) -> dict:
     model = build_model_from_config(config, strategy)
     train.synchronize_batch_norm(model, strategy, bool(config.model.sync_bn))
     with strategy.scope():
-        optimizer = train.make_optimizer(tcfg, total_steps)
+        optimizer = wrap_optimizer(train.make_optimizer(tcfg, total_steps), tcfg.precision)
     trainer = train.Trainer(model, optimizer, strategy, dcfg.batch_size, tcfg.weight_decay,
-                            jit_compile=use_jit(tcfg.jit_compile), fused_batch_norm=True)
+                            jit_compile=use_jit(tcfg.jit_compile), fused_batch_norm=True,
+                            precision=tcfg.precision)
 
     def make_train_input(start_epoch, skip):
         fn, _ = data.input_fn(dcfg, "train", True, dcfg.batch_size, seed=config.seed,
