@@ -242,6 +242,19 @@ def compare_losses(before, after, rtol):
     return out
 
 
+def _argv_without(argv, names):
+    """argv without the flags `names` (`--x=v` or `--x v`): the subprocess gets its own."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        elif not a.startswith(tuple(n + "=" for n in names)):
+            out.append(a)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--search_workdir", default="/work/runs/r56_045",
@@ -265,7 +278,8 @@ def main():
     before = None
     if args.before:
         cmd = [sys.executable, os.path.abspath(__file__), "--code", args.before,
-               "--label", "before"] + [a for a in sys.argv[1:] if not a.startswith("--before")]
+               "--label", "before"] + _argv_without(sys.argv[1:], ("--before", "--code",
+                                                                    "--label"))
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout
         print(out.rsplit("\n", 2)[0])
         before = json.loads(out.strip().splitlines()[-1])["rows"]
