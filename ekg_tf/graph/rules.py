@@ -53,11 +53,14 @@ class BatchNormStep:
     `train` (batch statistics, moving statistics updated as the reference:
     `m -= (m - batch) * (1 - momentum)`). `sync`: batch statistics of the global
     batch when several replicas run. `record`: a list receiving (node name, mean,
-    variance) of every batch-statistics BN (BN re-estimation).
+    variance) of every batch-statistics BN (BN re-estimation). `fused`: `batch` mode on
+    one replica runs TensorFlow's fused kernel (FusedBatchNormV3: the same normalisation
+    in one op instead of moments + batch_normalization; the memory bank uses it).
     """
     mode: str = "inference"
     sync: bool = True
     record: list | None = None
+    fused: bool = False
 
 
 def batch_moments(x, sync: bool = True):
@@ -75,6 +78,24 @@ def batch_moments(x, sync: bool = True):
         squares = tf.reduce_sum(tf.math.squared_difference(x, tf.stop_gradient(mean)), axes)
         return mean, ctx.all_reduce(tf.distribute.ReduceOp.SUM, squares) / n
     return tf.nn.moments(x, axes)
+
+
+def _several_replicas(sync: bool) -> bool:
+    ctx = tf.distribute.get_replica_context()
+    return sync and ctx is not None and ctx.num_replicas_in_sync > 1
+
+
+def _fused_batch_statistics(x, w, epsilon):
+    """BN with the batch's statistics (biased variance), as one FusedBatchNormV3."""
+    channels = x.shape[-1]
+    gamma = tf.cast(w["gamma"], x.dtype) if "gamma" in w else tf.ones([channels], x.dtype)
+    beta = tf.cast(w["beta"], x.dtype) if "beta" in w else tf.zeros([channels], x.dtype)
+    empty = tf.constant([], x.dtype)
+    y, *_ = tf.raw_ops.FusedBatchNormV3(x=x, scale=gamma, offset=beta, mean=empty,
+                                        variance=empty, epsilon=float(epsilon),
+                                        exponential_avg_factor=1.0, data_format="NHWC",
+                                        is_training=True)
+    return y
 
 
 def _channels_last(layer) -> bool:
@@ -504,6 +525,9 @@ class BatchNormRule(Weighted):
 
     def apply(self, node, x, w, training, bn, channel_mask=None):
         layer = node.layer
+        if bn.fused and bn.mode == "batch" and bn.record is None and len(x.shape) == 4 \
+                and not _several_replicas(bn.sync):
+            return _fused_batch_statistics(x, w, layer.epsilon)
         if bn.mode == "inference":
             mean, variance = w["moving_mean"], w["moving_variance"]
         else:

@@ -312,12 +312,12 @@ class SubnetEvaluator:
 def subnet_logits_fn(model, sync_bn: bool = False):
     """`fn(images, kept)`: logits of a gated clone's sub-network at its real width, given
     every group's kept indices (a tuple in `model.gate_groups` order), BN with batch
-    statistics; one trace for all widths (the memory bank's teachers)."""
+    statistics (the fused kernel); one trace for all widths (the memory bank's teachers)."""
     names = [g.name for g in model.gate_groups]
 
     def body(x, kept):
         outputs, _ = model.sliced.run(x, dict(zip(names, kept)),
-                                      BatchNormStep("batch", sync=sync_bn), False)
+                                      BatchNormStep("batch", sync=sync_bn, fused=True), False)
         return outputs[0]
 
     fn = tf.function(body, autograph=False, reduce_retracing=True)

@@ -36,6 +36,7 @@ the top classes; the dense form is exact up to float16 rounding (~1e-3 relative)
 """
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import os
 import time
@@ -217,15 +218,24 @@ def build_memory_bank(model, teachers: list, batches, num_examples: int, out_dir
                           temperature)
     t0 = time.time()
     seen = 0
-    for images, _, index in batches:
-        index = np.asarray(index, np.int64)
-        out = teacher_logits(images)
-        if index.min() < 0 or index.max() >= num_examples:
-            raise ValueError(f"example index {index.max()} outside the split of {num_examples}")
-        writer.add(index, out)
-        seen += len(index)
-        if progress is not None:
-            progress.update(1, items=len(index))
+    # The shard buffers and files are written by one background thread while the next
+    # batch's teachers run (top-k compression of a shard is seconds of numpy work).
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="bank-writer") as pool:
+        pending = None
+        for images, _, index in batches:
+            index = np.asarray(index, np.int64)
+            out = teacher_logits(images)
+            if index.min() < 0 or index.max() >= num_examples:
+                raise ValueError(f"example index {index.max()} outside the split of "
+                                 f"{num_examples}")
+            if pending is not None:
+                pending.result()  # in order, one batch in flight; re-raises its error
+            pending = pool.submit(writer.add, index, out)
+            seen += len(index)
+            if progress is not None:
+                progress.update(1, items=len(index))
+        if pending is not None:
+            pending.result()
     missing = writer.incomplete()
     if missing or seen < num_examples:
         raise ValueError(f"the training split yielded {seen} of {num_examples} examples; "
