@@ -97,8 +97,8 @@ def test_one_command_one_report(uninterrupted):
     assert all(s["status"] == "done" for s in result["stages"].values())
     report = (workdir / "report.md").read_text()
     for section in ("test top-1", "Kept width per gate group", "Search trajectory",
-                    "Fine-tuning", "Export verification", "Seconds per stage",
-                    "git revision", "## Config"):
+                    "Fine-tuning", "Fine-tuning step settings", "Export verification",
+                    "Seconds per stage", "git revision", "## Config"):
         assert section in report, section
     for png in ("report_accuracy_vs_macs.png", "search/kept_width.png",
                 "finetune/accuracy_per_epoch.png"):
@@ -106,6 +106,9 @@ def test_one_command_one_report(uninterrupted):
     data = json.loads((workdir / "report.json").read_text())
     assert data["macs_ratio"] == pytest.approx(result["macs_ratio"])
     assert data["config"]["search"]["target_ratio"] == 0.93
+    settings = data["training_settings"]  # what the fine-tuning step ran with
+    assert settings["precision"] == "float32" and settings["fused_batch_norm"] is True
+    assert settings["jit_compile"] is False and settings["metrics_every_steps"] == 3
     assert os.listdir(workdir / "tensorboard" / "report")
     assert not temporaries(workdir)
     # the train stage's weights are what ekg-eval reads back (the train stage's own number)

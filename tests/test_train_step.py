@@ -15,7 +15,7 @@ import keras
 from ekg_tf.models import build_model
 from ekg_tf.train.fused_bn import use_fused_batch_norm
 
-ARCH = "resnet20"
+ARCH = "resnet8"
 
 
 def _pair(seed=0):
@@ -160,8 +160,10 @@ def test_metrics_read_back_every_n_steps_reach_tensorboard_and_progress_bar(tmp_
     stepped = trainer()
     per_step = [float(stepped.train_step(b).numpy()[0]) for b in batches()]
     capsys.readouterr()
-    train.fit(trainer(), workdir=str(tmp_path), make_train_input=batches, steps_per_epoch=7,
+    fitted = trainer()
+    train.fit(fitted, workdir=str(tmp_path), make_train_input=batches, steps_per_epoch=7,
               total_steps=7, log_every=3, checkpoint_every=100, name="t")
+    assert fitted.train_step.experimental_get_tracing_count() == 1  # no retracing
     err = capsys.readouterr().err
     scalars = {}
     for path in tf.io.gfile.glob(str(tmp_path / "tensorboard" / "t" / "events.*")):

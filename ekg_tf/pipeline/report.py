@@ -96,6 +96,7 @@ def summarize(workdir: str, records: dict, config=None) -> dict:
     out["kept_width"] = kept_width(workdir)
     slim_path = keras_artifact.get("path") or finetune.get("last")
     out["layer_width"] = per_layer_widths(config, workdir, slim_path) if config else []
+    out["training_settings"] = finetune.get("settings") or {}
     out["search"] = {k: search.get(k) for k in ("steps", "search_seconds", "target_ratio",
                                                  "val_top1", "memory_bank_teachers")}
     out["finetune_history"] = [{"epoch": h.get("epoch"), "top1": h.get("top1")}
@@ -268,6 +269,14 @@ def markdown(summary: dict, png: dict, config_text: str, export_md: str, version
     if export_md:
         body = export_md.split("\n", 2)[2] if export_md.startswith("# ") else export_md
         lines += ["## Export verification", "", body.strip(), ""]
+    if s.get("training_settings"):
+        lines += ["## Fine-tuning step settings", "",
+                  "What the fine-tuning step ran with (docs/performance.md: XLA, mixed "
+                  "precision and input pipelines on GPUs).", "", "| setting | value |",
+                  "|---|---|"]
+        lines += [f"| {k} | {', '.join(map(str, v)) if isinstance(v, list) else v} |"
+                  for k, v in s["training_settings"].items()]
+        lines.append("")
     lines += ["## Seconds per stage", "", "| stage | status | seconds |", "|---|---|---:|"]
     lines += [f"| {n} | {r['status']} | {r['seconds']:.1f} |" for n, r in s["stages"].items()]
     lines += ["", "## Environment", "", f"git revision: `{revision}`", "",
