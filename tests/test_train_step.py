@@ -206,11 +206,9 @@ def test_mixed_precision_keeps_float32_variables(precision):
     compute = {"mixed_bfloat16": tf.bfloat16, "mixed_float16": tf.float16}[precision]
     graph = trainer.train_step.get_concrete_function(
         (tf.TensorSpec(x.shape, tf.float32), tf.TensorSpec(y.shape, tf.int64))).graph
-    dtypes = set()
-    for f in graph.as_graph_def().library.function:
-        for node in f.node_def:
-            if node.op.endswith("Conv2D"):
-                dtypes.add(node.attr["T"].type)
+    graph_def = graph.as_graph_def()
+    nodes = list(graph_def.node) + [n for f in graph_def.library.function for n in f.node_def]
+    dtypes = {n.attr["T"].type for n in nodes if n.op.endswith("Conv2D")}
     assert compute.as_datatype_enum in dtypes, dtypes
     assert {v.dtype for v in model.weights} == {"float32"}
     assert all(v.dtype == "float32" for v in opt.variables if "iteration" not in v.path

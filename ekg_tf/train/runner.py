@@ -51,8 +51,7 @@ def run_train(config, workdir: str, log=None, strategy=None) -> dict:
     with strategy.scope():
         optimizer = wrap_optimizer(train.make_optimizer(tcfg, total_steps), tcfg.precision)
     trainer = train.Trainer(model, optimizer, strategy, dcfg.batch_size, tcfg.weight_decay,
-                            jit_compile=use_jit(tcfg.jit_compile), fused_batch_norm=True,
-                            precision=tcfg.precision)
+                            jit_compile=use_jit(tcfg.jit_compile), precision=tcfg.precision)
 
     def make_train_input(start_epoch, skip):
         fn, _ = data.input_fn(dcfg, "train", True, dcfg.batch_size, seed=config.seed,
