@@ -81,7 +81,7 @@ def main():
         spec = l1_uniform_subnet(model, args.target)
         source = f"l1_uniform_subnet(target={args.target}) (deterministic stand-in, not a search)"
     pruned = slim_model(model, spec, name="resnet56_pruned")
-    counter = ComplexityCounter(model)
+    counter = ComplexityCounter(model, round_to=spec.round_to)
     macs_ratio = counter.macs_ratio(spec.rates)
     with np.load(args.images) as f:
         x = normalize(f["x"][:64], "cifar10").numpy()

@@ -99,8 +99,12 @@ def main(argv):
     dense = None
     if ecfg.dense_latency:
         dense = slim_model(base, spec.full_width(), name=f"{base.arch_name}_dense")
-    counter = ComplexityCounter(base.dependency)
+    counter = ComplexityCounter(base.dependency, round_to=spec.round_to)
     full, pruned = counter.full, counter.count(spec.rates)
+    # Predicted latency from the block tables already cached (ekg_tf.latency; none timed here).
+    from ekg_tf.latency.model import cached_predictions
+    predicted = cached_predictions(base, spec, int(ecfg.threads),
+                                   cache_dir=str(config.search.get("latency_cache", "")))
     req = exporter.ExportRequest(
         slim=slim, export_dir=export_dir, normalization=normalization,
         verify_uint8=test.x[:n_verify], verify_labels=test.y[:n_verify], formats=tuple(formats),
@@ -113,7 +117,9 @@ def main(argv):
         info={"arch": spec.arch, "subnet": os.path.abspath(subnet_path),
               "weights": os.path.abspath(weights), "fine_tuned": fine_tuned,
               "bn_recalibrated": not fine_tuned, "macs": pruned.macs, "dense_macs": full.macs,
-              "macs_ratio": pruned.macs / full.macs, "params_ratio": pruned.params / full.params})
+              "macs_ratio": pruned.macs / full.macs, "params_ratio": pruned.params / full.params,
+              "round_to": sorted(set(spec.round_to.values())),
+              "predicted_latency_ms": predicted})
     report = exporter.export_all(req, progress=_log)
     _write_summaries(report, os.path.join(report["export_dir"], "artifacts",
                                           str(report["version"])))

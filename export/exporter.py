@@ -23,6 +23,7 @@ import time
 import numpy as np
 import keras
 
+from ekg_tf.latency.runtimes import RUNTIMES, Runtime
 from ekg_tf.slimming import fold_batch_norm
 from ekg_tf.utils.io import atomic_path, atomic_write_text
 from export import (int8_calibration, onnx_export, report as report_lib, saved_model as sm,
@@ -245,6 +246,7 @@ def export_all(req: ExportRequest, progress=print) -> dict:
         "fingerprint": fingerprint, "verify_images": int(len(x_verify)),
         "threads": {"tflite": req.threads, "onnxruntime": req.threads,
                     "tensorflow": f"default (cpu_count={os.cpu_count()})"},
+        "runtime_settings": {name: Runtime(name, req.threads).describe() for name in RUNTIMES},
         "latency_runs": req.latency_runs, "latency_statistic": "median wall ms",
         "artifacts": artifacts, "dense_latency_ms": dense, **req.info,
         "seconds": time.time() - start,
