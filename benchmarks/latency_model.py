@@ -95,8 +95,9 @@ def main():
     build_s = time.time() - t0
     print(f"table {model.table.path}: {len(model.table)} cells, {todo} timed now "
           f"({build_s:.0f} s); {len(model.segments)} blocks, "
-          f"{len({s.signature for s in model.segments})} distinct; dense {model.dense_ms:.3f} ms, "
-          f"overhead {model.overhead_ms:+.3f} ms")
+          f"{len({s.signature for s in model.segments})} distinct; measured dense "
+          f"{model.dense_ms:.3f} ms, narrowest {model.narrowest_ms:.3f} ms; block sums "
+          f"{model.blocks_ms({}):.3f} ms dense, scale {model.calibration()[1]:.3f}")
     if args.build_only:
         print(json.dumps({"runtime": runtime.describe(), "batch": args.batch,
                           "table": model.table.path, "cells": len(model.table),

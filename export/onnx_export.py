@@ -29,15 +29,15 @@ def convert(model: keras.Model, path: str, opset: int = 17):
 
 
 class OnnxRunner:
-    """onnxruntime CPU session with a fixed number of intra-op threads."""
+    """onnxruntime CPU session with the settings of `ekg_tf.latency.runtimes`
+    (`onnx_session_options`: the ones the latency model times; docs/latency.md)."""
 
     def __init__(self, path: str, num_threads: int = 2):
         import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = num_threads
-        options.inter_op_num_threads = 1
+        from ekg_tf.latency.runtimes import onnx_session_options
         self.num_threads = num_threads
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(path, onnx_session_options(num_threads),
+                                            providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

@@ -178,3 +178,13 @@ def test_round_to_larger_than_a_group_is_a_clear_error(resnet20):
     with pytest.raises(ValueError, match="larger than gate group"):
         EKGSearch(resnet20, evaluator=type("E", (), {"labels": None})(),
                   settings=SearchSettings(round_to=64), search_dir="unused", fingerprint={})
+
+
+def test_ekg_search_reports_a_too_wide_round_to_before_any_work(tmp_path):
+    """The command line prints one `error:` line (exit 2) and no traceback, before the
+    adaptation pass."""
+    from test_cli import run_cli
+    code, result, err = run_cli("ekg_tf.cli.search", "--config=configs/quickstart.py",
+                                f"--workdir={tmp_path}", "--config.search.round_to=32")
+    assert code == 2 and "Traceback" not in err and "adaptation" not in err
+    assert "search.round_to=32 is larger than gate group 'conv' (16 channels" in result["error"]

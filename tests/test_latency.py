@@ -90,20 +90,23 @@ def _tiny_model(size=32, width=64):
 
 @pytest.mark.parametrize("runtime", ["tflite", "onnxruntime"])
 def test_latency_model_times_caches_and_predicts(tmp_path, runtime):
-    """Real timings of a tiny model's blocks on the real runtime: the unpruned prediction
-    is its measured latency, a second model reads the cache (times nothing), narrower
-    widths predict less block time, and a search's latency target reads the model."""
+    """Real timings of a tiny model's blocks and networks on the real runtime: predictions
+    are exact at the two measured networks, a second model reads the cache (times
+    nothing), narrower widths are faster, and a search's latency target reads the model."""
     gated = GatedModel(_tiny_model())
     rt = Runtime(runtime, 1)
     model = LatencyModel(gated, rt, 1, str(tmp_path), round_to=32, runs=5)
     # blocks: the stem, the residual block (with the pooling), the classifier; 2 widths each
     assert [len(s.groups) for s in model.segments] == [1, 2, 1]
     assert not model.missing() and len(model.table) == len(model.cells()) == 2 + 4 + 2
+    # exact at the two measured networks; the narrowest one is faster
     assert model.predict_ms({}) == pytest.approx(model.dense_ms)
+    narrow = {g.name: 0.5 for g in gated.gate_groups}  # 32 of 64 channels: 1/4 of the MACs
+    assert model.predict_ms(narrow) == pytest.approx(model.narrowest_ms)
+    assert model.narrowest_ms < 0.8 * model.dense_ms
+    assert model.blocks_ms(narrow) < 0.8 * model.blocks_ms({})
     again = LatencyModel(gated, rt, 1, str(tmp_path), round_to=32, runs=5, build=False)
     assert again.build() == 0 and again.dense_ms == model.dense_ms
-    narrow = {g.name: 0.5 for g in gated.gate_groups}  # 32 of 64 channels: 1/4 of the MACs
-    assert model.blocks_ms(narrow) < 0.8 * model.blocks_ms({})
     # the search's target is a fraction of this model's predicted latency
     settings = SearchSettings(target_metric="latency", target_ms=0.9 * model.dense_ms,
                               runtime=runtime, runtime_threads=1, round_to=32)

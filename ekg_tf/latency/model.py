@@ -4,16 +4,21 @@
 (`segments.segment_graph`), times every distinct block at a grid of its groups' widths
 on the machine at hand (each block alone, converted and run as the export ships it:
 BN folded, float32, `Runtime.session`), caches the times (`LatencyTable`), and times
-the unpruned deployed network once. A sub-network's predicted latency is
+two whole deployed networks: the unpruned one and the narrowest one (every group at
+its smallest width). A sub-network's predicted latency is
 
-    sum over blocks of table[block](its groups' kept widths) + overhead,
+    dense_ms + scale * (blocks(sub) - blocks(dense)),
+    scale = (narrowest_ms - dense_ms) / (blocks(narrowest) - blocks(dense)),
 
-widths between grid points interpolated multilinearly, `overhead` = the measured
-unpruned network minus the sum of its blocks (the per-invocation cost of one network
-instead of one per block, which does not depend on the widths). The kept widths are
-`gates.kept_count` at each group's `round_to`, the widths every other part sees, so
-with aligned widths (round_to 8 or 16) the grid is the aligned widths themselves
-(up to `max_cells` cells per block) and no interpolation happens.
+`blocks(.)` being the sum over blocks of the table at their groups' kept widths
+(multilinear between grid points): the sum of timed blocks, mapped affinely onto the
+two measured networks. The map removes what timing a block alone adds (one invocation
+per block instead of one per network; the boundary copies and layout conversions a
+runtime makes at a model's input and output), which a per-block sum would count about
+thirty times over. It is exact at both ends. The kept widths are `gates.kept_count` at
+each group's `round_to`, the widths every other part sees, so with aligned widths
+(round_to 8 or 16) the grid is the aligned widths themselves (up to `max_cells` cells
+per block) and nothing is interpolated.
 
     model = LatencyModel(gated, Runtime("tflite", threads=2), batch=1)
     model.predict_ms(rates)      # ms
@@ -101,7 +106,7 @@ class LatencyModel:
                                     [self.round_to[g] for g in s.groups], max_cells=max_cells)
                       for s in self.segments]
         self.network_key = self._network_key()
-        self._overhead = None
+        self._calibration = None
         if build:
             self.build(progress)
 
@@ -110,6 +115,14 @@ class LatencyModel:
         shape = tuple(self.dependency.graph.tensors[self.dependency.graph.inputs[0]].shape)
         return f"{self.dependency.graph.name}|{shape}|" + ",".join(
             s.signature for s in self.segments)
+
+    def _narrowest_key(self) -> str:
+        widths = ",".join(str(self._narrowest_kept()[n]) for n in self.group_names)
+        return f"{self.network_key}|narrowest:{widths}"
+
+    def _narrowest_kept(self) -> dict:
+        return {n: kept_count(self.channels[n], 0.0, self.round_to[n])
+                for n in self.group_names}
 
     def cells(self) -> list[tuple]:
         """Every (segment, widths) the predictions read, one per distinct block signature."""
@@ -123,9 +136,11 @@ class LatencyModel:
         return out
 
     def missing(self) -> list[tuple]:
+        """What the table lacks: (segment, widths) cells, then ("network", which)."""
         cells = [(s, w) for s, w in self.cells() if self.table.cell(s.signature, w) is None]
-        if self.network_key not in self.table.networks:
-            cells.append(("network", None))
+        for which, key in (("dense", self.network_key), ("narrowest", self._narrowest_key())):
+            if key not in self.table.networks:
+                cells.append(("network", which))
         return cells
 
     # -- timing
@@ -139,11 +154,15 @@ class LatencyModel:
         x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
         return time_sessions([self.runtime.session(model)], x, runs=self.runs)[0]
 
-    def dense_network(self):
-        """The unpruned network as deployed (slimmed at full width, BN folded)."""
+    def network(self, which: str = "dense"):
+        """The unpruned (`dense`) or `narrowest` network as deployed (slimmed, BN folded)."""
         from ekg_tf.slimming import fold_batch_norm, slim_model
-        from ekg_tf.subnet import SubnetSpec
-        spec = SubnetSpec.from_model(self.gated).full_width()
+        from ekg_tf.subnet import GroupState, SubnetSpec
+        base = SubnetSpec.from_model(self.gated)
+        rate = 1.0 if which == "dense" else 0.0
+        spec = SubnetSpec(base.arch, base.num_classes, base.input_shape, {
+            n: GroupState(g.channels, rate, g.rank, self.round_to[n])
+            for n, g in base.groups.items()})
         return fold_batch_norm(slim_model(self.gated, spec))
 
     def build(self, progress=None) -> int:
@@ -156,7 +175,8 @@ class LatencyModel:
         t0, last_save = time.time(), time.time()
         for i, (segment, widths) in enumerate(todo):
             if segment == "network":
-                self.table.networks[self.network_key] = self.time_network(self.dense_network())
+                key = self.network_key if widths == "dense" else self._narrowest_key()
+                self.table.networks[key] = self.time_network(self.network(widths))
             else:
                 self.table.put_cell(segment.signature, widths, self._time_cell(segment, widths))
             if progress is not None:
@@ -165,7 +185,7 @@ class LatencyModel:
                 self.table.save()
                 last_save = time.time()
         self.table.save()
-        self._overhead = None
+        self._calibration = None
         self.log(f"latency table: {len(todo)} cells timed in {time.time() - t0:.0f} s")
         return len(todo)
 
@@ -188,28 +208,44 @@ class LatencyModel:
                 for n in self.group_names}
 
     def blocks_ms(self, rates) -> float:
-        kept = self.kept(rates)
+        """Sum of the blocks' table latencies at `rates` (uncalibrated)."""
+        return self.blocks_kept(self.kept(rates))
+
+    def blocks_kept(self, kept: dict) -> float:
         return sum(self._segment_ms(i, [kept[g] for g in s.groups])
                    for i, s in enumerate(self.segments))
+
+    def _measured(self, key: str, what: str) -> float:
+        try:
+            return self.table.networks[key]
+        except KeyError:
+            raise KeyError(f"latency table {self.table.path} lacks the {what} network; build "
+                           "the table first (LatencyModel(..., build=True))") from None
 
     @property
     def dense_ms(self) -> float:
         """Measured latency of the unpruned deployed network."""
-        try:
-            return self.table.networks[self.network_key]
-        except KeyError:
-            raise KeyError(f"latency table {self.table.path} lacks the unpruned network; "
-                           "build the table first") from None
+        return self._measured(self.network_key, "unpruned")
 
     @property
-    def overhead_ms(self) -> float:
-        if self._overhead is None:
-            self._overhead = self.dense_ms - self.blocks_ms({})
-        return self._overhead
+    def narrowest_ms(self) -> float:
+        """Measured latency of the narrowest deployed network (every group at its minimum)."""
+        return self._measured(self._narrowest_key(), "narrowest")
+
+    def calibration(self) -> tuple[float, float]:
+        """(blocks(dense), scale) of the affine map from block sums onto measured networks."""
+        if self._calibration is None:
+            dense = self.blocks_ms({})
+            narrow = self.blocks_kept(self._narrowest_kept())
+            scale = (self.narrowest_ms - self.dense_ms) / (narrow - dense) \
+                if narrow < dense else 1.0
+            self._calibration = (dense, scale)
+        return self._calibration
 
     def predict_ms(self, rates) -> float:
         """Predicted latency (ms) of the sub-network at `rates` ({group: rate}; absent = 1)."""
-        return self.blocks_ms(rates) + self.overhead_ms
+        dense_blocks, scale = self.calibration()
+        return self.dense_ms + scale * (self.blocks_ms(rates) - dense_blocks)
 
     def ratio(self, rates) -> float:
         return self.predict_ms(rates) / self.dense_ms
@@ -218,8 +254,10 @@ class LatencyModel:
         return {**self.runtime.describe(), "batch": self.batch, "table": self.table.path,
                 "blocks": len(self.segments),
                 "distinct_blocks": len({s.signature for s in self.segments}),
-                "cells": len(self.cells()), "dense_ms": self.table.networks.get(
-                    self.network_key)}
+                "cells": len(self.cells()),
+                "dense_ms": self.table.networks.get(self.network_key),
+                "narrowest_ms": self.table.networks.get(self._narrowest_key()),
+                "calibration_scale": None if self.missing() else self.calibration()[1]}
 
 
 

@@ -13,7 +13,9 @@ runs. `Runtime.describe()` states them (the export report prints it).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.metadata
+import json
 import os
 import platform
 import statistics
@@ -151,8 +153,9 @@ class Runtime:
         """What produced and runs the model: converter and runtime versions."""
         if self.name == "tflite":
             return f"tensorflow-{_version('tensorflow')}+litert-{_version('ai-edge-litert')}"
+        settings = hashlib.sha1(json.dumps(ONNX_SETTINGS, sort_keys=True).encode()).hexdigest()
         return (f"tf2onnx-{_version('tf2onnx')}+onnxruntime-{_version('onnxruntime')}"
-                f"+opset{ONNX_OPSET}")
+                f"+opset{ONNX_OPSET}+settings-{settings[:8]}")
 
     @property
     def label(self) -> str:

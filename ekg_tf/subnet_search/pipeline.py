@@ -147,6 +147,7 @@ def run_search(config, workdir: str, log=None, on_step=None, strategy=None) -> d
     keras.utils.set_random_seed(int(config.seed))  # same initial weights when init is empty
     with strategy.scope():
         model = GatedModel(model_from_config(config), sync_bn=bool(config.model.sync_bn))
+    model.set_round_to(settings.round_to)  # a round_to wider than a group fails before any work
     weights_path = os.path.join(search_dir, "weights.weights.h5")
     adapt_info = {}
     if resuming and os.path.exists(weights_path):
