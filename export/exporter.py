@@ -23,7 +23,7 @@ import time
 import numpy as np
 import keras
 
-from ekg_tf.latency.runtimes import RUNTIMES, Runtime
+from ekg_tf.latency.runtimes import RUNTIMES, Runtime, edge_saved_model
 from ekg_tf.slimming import fold_batch_norm
 from ekg_tf.utils.io import atomic_path, atomic_write_text
 from export import (int8_calibration, onnx_export, report as report_lib, saved_model as sm,
@@ -106,16 +106,9 @@ def resolve_version(export_dir: str, model_name: str, version: int, fingerprint:
 
 
 def _edge_saved_model(model: keras.Model, path: str) -> str:
-    """A float SavedModel of `model` (input `images`, output `logits`) for TFLite conversion."""
-    import tensorflow as tf
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    shape = [None, *(int(d) for d in model.inputs[0].shape[1:])]
-    archive.add_endpoint(sm.SIGNATURE, tf.function(
-        lambda images: {"logits": model(images, training=False)},
-        input_signature=[tf.TensorSpec(shape, tf.float32, name="images")]))
-    archive.write_out(path, verbose=False)
-    return path
+    """A float SavedModel of `model` (input `images`, output `logits`) for TFLite conversion
+    (the latency model converts its blocks the same way)."""
+    return edge_saved_model(model, path)
 
 
 def export_all(req: ExportRequest, progress=print) -> dict:

@@ -100,6 +100,9 @@ def test_spec_memory_bank_and_slimming_share_the_widths(resnet20, tmp_path):
             stored = json.load(f)["groups"]
         back = SubnetSpec.from_json(str(tmp_path / "subnet.json"))
         assert back == spec and back.round_to == {g.name: 8 for g in model.gate_groups}
+        old = {"arch": "resnet20", "num_classes": 10, "input_shape": [32, 32, 3], "groups": {
+            n: {k: v for k, v in g.items() if k != "round_to"} for n, g in stored.items()}}
+        assert set(SubnetSpec.from_dict(old).round_to.values()) == {1}  # specs before round_to
         entry = {"rates": spec.rates, "ranks": {n: list(g.rank) for n, g in spec.groups.items()}}
         teacher = kept_indices_of(model, entry)
         for g, idx in zip(model.gate_groups, teacher):
