@@ -69,11 +69,11 @@ def main():
     from ekg_tf.slimming import fold_batch_norm, slim_model
     from ekg_tf.subnet import SubnetSpec
     from ekg_tf.weights import load_weights
-    from export import onnx_export, tflite, verify
-    from export.exporter import _edge_saved_model
-    from export.subnets import l1_uniform_subnet
+    from ekg_tf.export import onnx_export, tflite, verify
+    from ekg_tf.export.subnets import l1_uniform_subnet
     from ekg_tf.latency import Runtime
     from ekg_tf.latency.model import ARTIFACTS, cached_predictions
+    from ekg_tf.latency.runtimes import edge_saved_model
 
     model = GatedModel(build_model("resnet56", 10))
     load_weights(model, args.weights)
@@ -99,7 +99,7 @@ def main():
         runners = {}
         for tag, net in (("dense", dense), ("pruned", pruned)):
             folded = fold_batch_norm(net)
-            edge = _edge_saved_model(folded, os.path.join(tmp, f"{tag}_edge"))
+            edge = edge_saved_model(folded, os.path.join(tmp, f"{tag}_edge"))
             tfl = os.path.join(tmp, f"{tag}.tflite")
             with open(tfl, "wb") as fh:
                 fh.write(tflite.convert(edge, "none"))

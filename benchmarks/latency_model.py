@@ -42,10 +42,10 @@ def random_spec(gated, rng, round_to: int):
 
 def exported_session(runtime, folded, workdir: str):
     """The runtime's session of the model as ekg-export writes it."""
-    from export import onnx_export, tflite
-    from export.exporter import _edge_saved_model
+    from ekg_tf.export import onnx_export, tflite
+    from ekg_tf.latency.runtimes import edge_saved_model
     if runtime.name == "tflite":
-        edge = _edge_saved_model(folded, os.path.join(workdir, "edge"))
+        edge = edge_saved_model(folded, os.path.join(workdir, "edge"))
         path = os.path.join(workdir, "model.tflite")
         with open(path, "wb") as f:
             f.write(tflite.convert(edge, "none"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 import keras
 
+from ekg_tf.errors import UserError
 from ekg_tf.utils.io import atomic_path
 
 
@@ -16,7 +17,7 @@ def convert(model: keras.Model, path: str, opset: int = 17):
     import onnx
     from ekg_tf.latency.runtimes import onnx_proto
     if not 7 <= int(opset) <= 21:
-        raise ValueError(f"export.opset must be an ONNX opset tf2onnx supports (7..21), got {opset}")
+        raise UserError(f"export.opset must be an ONNX opset tf2onnx supports (7..21), got {opset}")
     proto = onnx_proto(model, int(opset))  # the conversion the latency model times
     onnx.checker.check_model(proto, full_check=True)
     with atomic_path(path) as tmp:

@@ -24,6 +24,8 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.errors import UserError
+
 
 # An aligned rate written as w / C (and rounded to 5 decimals, as the search writes rates)
 # is w channels up to 5e-6 * C; 0.05 channel of tolerance lands it on w for C < 10,000.
@@ -56,19 +58,19 @@ def aligned_widths(channels: int, round_to: int = 1) -> list[int]:
 
 
 def check_round_to(round_to, groups) -> int:
-    """`round_to` as an int; ValueError (what to fix) if it is not >= 1 or exceeds a group."""
+    """`round_to` as an int; UserError (what to fix) if it is not >= 1 or exceeds a group."""
     try:
         valid = not isinstance(round_to, bool) and int(round_to) == round_to >= 1
     except (TypeError, ValueError):
         valid = False
     if not valid:
-        raise ValueError(f"search.round_to must be an integer >= 1 (1: any width; 8 or 16: "
+        raise UserError(f"search.round_to must be an integer >= 1 (1: any width; 8 or 16: "
                          f"widths in the runtimes' channel blocks), got {round_to!r}")
     round_to = int(round_to)
     narrow = [g for g in groups if g.channels < round_to]
     if narrow:
         g = min(narrow, key=lambda g: g.channels)
-        raise ValueError(
+        raise UserError(
             f"search.round_to={round_to} is larger than gate group {g.name!r} "
             f"({g.channels} channels; {len(narrow)} group(s) are narrower than {round_to}); "
             f"use a round_to of at most {min(x.channels for x in groups)}")

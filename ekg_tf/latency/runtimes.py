@@ -23,13 +23,15 @@ import time
 
 import numpy as np
 
+from ekg_tf.errors import UserError
+
 RUNTIMES = ("tflite", "onnxruntime")
 ONNX_OPSET = 17
 
 
 def check_runtime(name: str) -> str:
     if name not in RUNTIMES:
-        raise ValueError(f"search.runtime must be one of {RUNTIMES} (the runtime whose latency "
+        raise UserError(f"search.runtime must be one of {RUNTIMES} (the runtime whose latency "
                          f"is modelled), got {name!r}")
     return name
 
@@ -163,7 +165,7 @@ class Runtime:
         check_runtime(self.name)
         if isinstance(self.threads, bool) or int(self.threads) != self.threads \
                 or int(self.threads) < 1:
-            raise ValueError(f"the runtime's threads must be an integer >= 1, "
+            raise UserError(f"the runtime's threads must be an integer >= 1, "
                              f"got {self.threads!r}")
 
     @property

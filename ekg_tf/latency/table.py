@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 
+from ekg_tf.errors import UserError
 from ekg_tf.latency.runtimes import Runtime, machine_id
 from ekg_tf.utils.io import atomic_write_json
 
@@ -36,7 +37,7 @@ class LatencyTable:
 
     def __init__(self, runtime: Runtime, batch: int = 1, cache_dir: str | None = None):
         if isinstance(batch, bool) or int(batch) != batch or int(batch) < 1:
-            raise ValueError(f"the latency batch size must be an integer >= 1, got {batch!r}")
+            raise UserError(f"the latency batch size must be an integer >= 1, got {batch!r}")
         self.runtime = runtime
         self.batch = int(batch)
         self.key = {"format": TABLE_FORMAT, "runtime": runtime.name,

@@ -11,13 +11,13 @@ deployment runtime (`target_metric="latency"`; the objective stays EKG's).
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.errors import UserError
 from ekg_tf.flops import ComplexityCounter
 from ekg_tf.graph.gates import aligned_rate, check_round_to
 from ekg_tf.subnet_search import scoring
@@ -49,27 +49,27 @@ class SearchSettings:
     def __post_init__(self):
         from ekg_tf.latency.runtimes import Runtime
         if self.target_metric not in TARGET_METRICS:
-            raise ValueError(f"search.target_metric must be one of {TARGET_METRICS}, got "
+            raise UserError(f"search.target_metric must be one of {TARGET_METRICS}, got "
                              f"{self.target_metric!r}")
         if not 0.0 < float(self.target_ratio) < 1.0:
-            raise ValueError(f"search.target_ratio must be in (0, 1) (the fraction of "
+            raise UserError(f"search.target_ratio must be in (0, 1) (the fraction of "
                              f"{'MACs' if self.target_metric == 'macs' else 'latency'} to "
                              f"keep, e.g. 0.45), got {self.target_ratio}")
         if float(self.target_ms) < 0 or (self.target_ms and self.target_metric != "latency"):
-            raise ValueError(f"search.target_ms must be >= 0 and needs "
+            raise UserError(f"search.target_ms must be >= 0 and needs "
                              f"search.target_metric=latency, got {self.target_ms} with "
                              f"target_metric={self.target_metric!r}")
         self.runtime_spec = Runtime(self.runtime, self.runtime_threads)  # validates both
         if isinstance(self.latency_batch, bool) or int(self.latency_batch) < 1:
-            raise ValueError(f"search.latency_batch must be >= 1, got {self.latency_batch}")
+            raise UserError(f"search.latency_batch must be >= 1, got {self.latency_batch}")
         if not 0.0 < float(self.search_step) <= 1.0:
-            raise ValueError(f"search.search_step must be in (0, 1], got {self.search_step}")
+            raise UserError(f"search.search_step must be in (0, 1], got {self.search_step}")
         check_objective(self.objective)
         if self.importance not in IMPORTANCES:
-            raise ValueError(f"search.importance must be one of {IMPORTANCES}, "
+            raise UserError(f"search.importance must be one of {IMPORTANCES}, "
                              f"got {self.importance!r}")
         if int(self.max_steps) < 0:
-            raise ValueError(f"search.max_steps must be >= 0, got {self.max_steps}")
+            raise UserError(f"search.max_steps must be >= 0, got {self.max_steps}")
         self.round_to = check_round_to(self.round_to, ())
 
     def fingerprint(self) -> dict:
@@ -155,13 +155,13 @@ class EKGSearch:
         if s.target_metric == "macs":
             return s.target_ratio
         if self.latency is None:
-            raise ValueError("search.target_metric=latency needs a latency model "
+            raise UserError("search.target_metric=latency needs a latency model "
                              "(ekg_tf.latency.LatencyModel of search.runtime)")
         if not s.target_ms:
             return s.target_ratio
         dense = self.latency.dense_ms
         if not 0 < s.target_ms < dense:
-            raise ValueError(f"search.target_ms={s.target_ms} must be below the unpruned "
+            raise UserError(f"search.target_ms={s.target_ms} must be below the unpruned "
                              f"network's {dense:.3f} ms on {self.latency.runtime.label} "
                              f"(batch {self.latency.batch})")
         return s.target_ms / dense
@@ -209,7 +209,7 @@ class EKGSearch:
         floor = self.ratio_of({g.name: 0.0 for g in self.groups})
         if floor > self.target:
             what = "MACs" if self.settings.target_metric == "macs" else "predicted latency"
-            raise ValueError(
+            raise UserError(
                 f"search target {self.target:.4f} is unreachable: with every gate at its "
                 f"minimum width ({self.settings.round_to} channel(s)) {self.model.arch_name} "
                 f"keeps {floor:.4f} of its {what}; choose a target above that")
@@ -299,7 +299,7 @@ class EKGSearch:
                                     g.round_to) for g in self.groups]
         marked = scoring.mark_candidates(sums, s.otsu_cut)
         if not marked.any():
-            raise ValueError(
+            raise UserError(
                 f"search target {self.target:.4f} is unreachable: every gate is at its "
                 f"minimum width and the {s.target_metric} ratio is still "
                 f"{self.ratio_of(rates):.4f}")
