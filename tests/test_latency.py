@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import pytest
 
+from ekg_tf.errors import UserError
 from ekg_tf.graph.gated import GatedModel
 from ekg_tf.latency import LatencyModel, LatencyTable, Runtime
 from ekg_tf.latency.model import segment_grids
@@ -114,7 +115,7 @@ def test_latency_model_times_caches_and_predicts(tmp_path, runtime):
                        {}, latency_model=model)
     assert search.target == pytest.approx(0.9)
     assert search.ratio_of(narrow) == pytest.approx(model.ratio(narrow))
-    with pytest.raises(ValueError, match="must be below the unpruned network"):
+    with pytest.raises(UserError, match="must be below the unpruned network"):
         EKGSearch(gated, type("E", (), {"labels": None})(),
                   SearchSettings(target_metric="latency", target_ms=10 * model.dense_ms,
                                  runtime=runtime, runtime_threads=1),
@@ -122,19 +123,19 @@ def test_latency_model_times_caches_and_predicts(tmp_path, runtime):
 
 
 def test_bad_latency_settings_are_clear_errors():
-    with pytest.raises(ValueError, match=r"search.runtime must be one of \('tflite', "
+    with pytest.raises(UserError, match=r"search.runtime must be one of \('tflite', "
                                          r"'onnxruntime'\).*'tensorrt'"):
         SearchSettings(target_metric="latency", runtime="tensorrt")
-    with pytest.raises(ValueError, match="search.runtime must be one of"):
+    with pytest.raises(UserError, match="search.runtime must be one of"):
         Runtime("coreml")
-    with pytest.raises(ValueError, match="threads must be an integer >= 1"):
+    with pytest.raises(UserError, match="threads must be an integer >= 1"):
         Runtime("tflite", 0)
-    with pytest.raises(ValueError, match="search.target_metric must be one of"):
+    with pytest.raises(UserError, match="search.target_metric must be one of"):
         SearchSettings(target_metric="flops")
-    with pytest.raises(ValueError, match="needs search.target_metric=latency"):
+    with pytest.raises(UserError, match="needs search.target_metric=latency"):
         SearchSettings(target_ms=3.0)
-    with pytest.raises(ValueError, match="latency batch size must be"):
+    with pytest.raises(UserError, match="latency batch size must be"):
         LatencyTable(Runtime("tflite"), 0)
-    with pytest.raises(ValueError, match="needs a latency model"):
+    with pytest.raises(UserError, match="needs a latency model"):
         EKGSearch(GatedModel(_tiny_model()), type("E", (), {"labels": None})(),
                   SearchSettings(target_metric="latency"), "unused", {})
