@@ -52,6 +52,8 @@ def main():
     p.add_argument("--target", type=float, default=0.45)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--round_to", type=int, default=1,
+                   help="kept widths of the stand-in sub-network (without --subnet)")
     p.add_argument("--batches", default="1,32")
     args = p.parse_args()
     for path in (args.weights, args.images):
@@ -68,8 +70,10 @@ def main():
     from ekg_tf.subnet import SubnetSpec
     from ekg_tf.weights import load_weights
     from ekg_tf.export import onnx_export, tflite, verify
-    from ekg_tf.export.exporter import _edge_saved_model
     from ekg_tf.export.subnets import l1_uniform_subnet
+    from ekg_tf.latency import Runtime
+    from ekg_tf.latency.model import ARTIFACTS, cached_predictions
+    from ekg_tf.latency.runtimes import edge_saved_model
 
     model = GatedModel(build_model("resnet56", 10))
     load_weights(model, args.weights)
@@ -78,10 +82,12 @@ def main():
         spec = SubnetSpec.from_json(args.subnet)
         source = args.subnet
     else:
+        model.set_round_to(args.round_to)
         spec = l1_uniform_subnet(model, args.target)
-        source = f"l1_uniform_subnet(target={args.target}) (deterministic stand-in, not a search)"
+        source = (f"l1_uniform_subnet(target={args.target}, round_to={args.round_to}) "
+                  "(deterministic stand-in, not a search)")
     pruned = slim_model(model, spec, name="resnet56_pruned")
-    counter = ComplexityCounter(model)
+    counter = ComplexityCounter(model, round_to=spec.round_to)
     macs_ratio = counter.macs_ratio(spec.rates)
     with np.load(args.images) as f:
         x = normalize(f["x"][:64], "cifar10").numpy()
@@ -93,7 +99,7 @@ def main():
         runners = {}
         for tag, net in (("dense", dense), ("pruned", pruned)):
             folded = fold_batch_norm(net)
-            edge = _edge_saved_model(folded, os.path.join(tmp, f"{tag}_edge"))
+            edge = edge_saved_model(folded, os.path.join(tmp, f"{tag}_edge"))
             tfl = os.path.join(tmp, f"{tag}.tflite")
             with open(tfl, "wb") as fh:
                 fh.write(tflite.convert(edge, "none"))
@@ -101,8 +107,9 @@ def main():
             onnx_export.convert(folded, onx)
             runners[tag] = {
                 "keras": verify.keras_predictor(folded),
-                f"tflite (XNNPACK, {args.threads} thr)": tflite.TFLiteRunner(tfl, args.threads),
-                f"onnxruntime ({args.threads} thr)": onnx_export.OnnxRunner(onx, args.threads),
+                Runtime("tflite", args.threads).label: tflite.TFLiteRunner(tfl, args.threads),
+                Runtime("onnxruntime", args.threads).label: onnx_export.OnnxRunner(
+                    onx, args.threads),
             }
         for runtime in runners["dense"]:
             for b in batches:
@@ -116,6 +123,13 @@ def main():
                              "macs_ratio": macs_ratio})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    # the latency model's predictions, where a table is cached (benchmarks/latency_model.py)
+    predicted = cached_predictions(model, spec, args.threads, batches)
+    for r in rows:
+        for name, artifact in ARTIFACTS.items():
+            p = predicted.get(artifact, {}).get(f"batch{r['batch']}")
+            if p and r["runtime"] == Runtime(name, args.threads).label:
+                r.update(predicted_ms=p["predicted_ms"], predicted_ratio=p["predicted_ratio"])
 
     print(f"sub-network: {source}")
     print(f"MACs: dense {counter.full.macs / 1e6:.1f} M, pruned "
@@ -123,12 +137,17 @@ def main():
           f"TF intra-op threads: default (cpu_count={os.cpu_count()}); median of {args.runs} runs")
     print(f"load average at the end: {os.getloadavg()[0]:.2f} (other processes skew latency)")
     print("| runtime | batch | dense ms (median) | pruned ms (median) | ratio (median) | "
-          "dense ms (min) | pruned ms (min) | ratio (min) | MACs ratio |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "dense ms (min) | pruned ms (min) | ratio (min) | MACs ratio | ratio / MACs ratio | "
+          "predicted pruned ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
+        pred = f"{r['predicted_ms']:.2f}" if "predicted_ms" in r else "-"
         print(f"| {r['runtime']} | {r['batch']} | {r['dense_ms']:.2f} | {r['pruned_ms']:.2f} | "
               f"{r['latency_ratio']:.3f} | {r['dense_min_ms']:.2f} | {r['pruned_min_ms']:.2f} | "
-              f"{r['min_ratio']:.3f} | {r['macs_ratio']:.3f} |")
+              f"{r['min_ratio']:.3f} | {r['macs_ratio']:.3f} | "
+              f"{r['latency_ratio'] / r['macs_ratio']:.2f} | {pred} |")
+    print(f"round_to {sorted(set(spec.round_to.values()))}; onnxruntime settings: "
+          f"{Runtime('onnxruntime', args.threads).describe()}")
     print(json.dumps({"subnet": source, "macs_ratio": macs_ratio, "threads": args.threads,
                       "runs": args.runs, "rows": rows}))
 

@@ -48,7 +48,7 @@ def main():
     from ekg_tf.slimming import fold_batch_norm, recalibrate_batch_norm
     from ekg_tf.subnet import SubnetSpec
     from ekg_tf.export import tflite
-    from ekg_tf.export.exporter import _edge_saved_model
+    from ekg_tf.latency.runtimes import edge_saved_model
     from ekg_tf.export.weights_io import find_weights, load_slim, sample_indices
 
     config = reference_cifar_config(args.arch, "cifar10")
@@ -67,7 +67,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="ekg-int8-")
     rows = []
     try:
-        edge = _edge_saved_model(fold_batch_norm(slim), os.path.join(tmp, "edge"))
+        edge = edge_saved_model(fold_batch_norm(slim), os.path.join(tmp, "edge"))
         for seed in [int(s) for s in args.seeds.split(",")]:
             rep = normalize(x_train[sample_indices(len(x_train), args.images, seed)],
                             "cifar10").numpy()

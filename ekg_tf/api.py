@@ -139,21 +139,34 @@ def _log(log):
 def search(model, data, target_macs: float = 0.45, *, adapt_data=None,
            adapt_learning_rate: float = 1e-3, batch_size: int = 256, search_step: float = 0.2,
            objective: str = "ekg", importance: str = "taylor", forward: str = "sliced",
-           max_steps: int = 1000, workdir=None, strategy=None, log=None):
+           max_steps: int = 1000, round_to: int = 1, target_latency: float | None = None,
+           runtime: str = "tflite", runtime_threads: int = 2, latency_batch: int = 1,
+           latency_cache: str = "", workdir=None, strategy=None, log=None):
     """EKG sub-network search to `target_macs` (the fraction of MACs kept).
 
     `data`: the search's validation images (the reference takes the last 32 training
     images of each class); `adapt_data`: images for the short adaptation pass before
-    it (the reference: 256 training images per class; None skips it). Returns the
-    `SearchResult` (`.spec`, `.history`, `.macs_ratio`, ...) with `.gated`, the gated
-    clone of `model` at the found sub-network (weights after adaptation).
+    it (the reference: 256 training images per class; None skips it). `round_to`: every
+    kept width a multiple of it (or a group's full width): 8 or 16 for widths the
+    runtimes' kernels run at full speed. `target_latency` (a fraction, instead of
+    `target_macs`): stop at that fraction of the unpruned network's latency on `runtime`
+    (`tflite` | `onnxruntime`, `runtime_threads`, batch `latency_batch`) as predicted from
+    block latencies timed on this machine (cached in `latency_cache`; `ekg_tf.latency`).
+    Returns the `SearchResult` (`.spec`, `.history`, `.macs_ratio`, `.latency_ms`, ...)
+    with `.gated`, the gated clone of `model` at the found sub-network (weights after
+    adaptation).
     """
     from ekg_tf.subnet_search.adapt import adapt
     from ekg_tf.subnet_search.search import SearchSettings, search_subnetwork
     strategy = strategy or tf.distribute.get_strategy()
     gated = _gated(model, strategy)
-    settings = SearchSettings(target_ratio=float(target_macs), search_step=search_step,
-                              objective=objective, importance=importance, max_steps=max_steps)
+    from ekg_tf.latency.model import search_latency_model
+    latency = target_latency is not None
+    settings = SearchSettings(
+        target_ratio=float(target_latency if latency else target_macs), search_step=search_step,
+        objective=objective, importance=importance, max_steps=max_steps, round_to=round_to,
+        target_metric="latency" if latency else "macs", runtime=runtime,
+        runtime_threads=runtime_threads, latency_batch=latency_batch)
     x, y = as_arrays(data, "data", gated.base)
     # BN uses batch statistics in the search: mixed classes in every batch (data sorted by
     # class would give single-class batches).
@@ -165,12 +178,14 @@ def search(model, data, target_macs: float = 0.45, *, adapt_data=None,
                      batch_size=min(256, len(ax) - len(ax) % strategy.num_replicas_in_sync),
                      strategy=strategy)
         _log(log)(f"adaptation pass: {info}")
+    latency_model = search_latency_model(settings, gated, latency_cache, log=log)
     with _directory(workdir) as root:
         result, _ = search_subnetwork(gated, x, y, settings, os.path.join(root, "search"),
                                       strategy=strategy, batch_size=batch_size,
                                       forward=forward, log=log,
                                       fingerprint={"model": gated.arch_name,
-                                                   "examples": int(len(x))})
+                                                   "examples": int(len(x))},
+                                      latency_model=latency_model)
     result.gated = gated
     return result
 
@@ -226,7 +241,8 @@ def prune(model, train_data, val_data, target_macs: float = 0.45, *, epochs: int
           batch_size: int = 128, learning_rate: float = 1e-2, mode: str = "ekg",
           num_teachers: int = 5, temperature: float = 4.0, views: int = 2,
           augment: bool = True, adapt: bool = True, search_batch_size: int = 256,
-          workdir=None, strategy=None, seed: int = 0, log=None) -> PruneResult:
+          round_to: int = 1, workdir=None, strategy=None, seed: int = 0,
+          log=None) -> PruneResult:
     """EKG pruning of `model` to `target_macs`: search, memory bank, fine-tuning.
 
     `train_data`: training images (adaptation pass, memory bank, fine-tuning);
@@ -236,7 +252,7 @@ def prune(model, train_data, val_data, target_macs: float = 0.45, *, epochs: int
     Fine-tuning: SGD with Nesterov momentum, `learning_rate` decayed by 0.2 at 30/60/80%
     of `epochs`, weight decay 5e-4 (the reference's recipe); `augment` flips and shifts
     the images (each view independently); BN statistics are re-estimated on training
-    images after slimming.
+    images after slimming. `round_to`: kept widths in multiples of it (see `search`).
     """
     from ekg_tf import train
     from ekg_tf.config import train_config
@@ -261,6 +277,7 @@ def prune(model, train_data, val_data, target_macs: float = 0.45, *, epochs: int
     with _directory(workdir) as root:
         adapt_idx = _adapt_indices(ty) if adapt else None
         found = search(gated, (vx, vy), target_macs, batch_size=search_batch_size,
+                       round_to=round_to,
                        adapt_data=None if adapt_idx is None else (tx[adapt_idx], ty[adapt_idx]),
                        workdir=root, strategy=strategy, log=log)
         spec = found.spec

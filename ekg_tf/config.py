@@ -71,8 +71,22 @@ def train_config():
 
 def search_config():
     return ml_collections.ConfigDict(dict(
-        target_ratio=0.45,      # stop when MACs(sub-network)/MACs(full) <= target, in (0, 1)
+        # stop when metric(sub-network)/metric(full) <= target_ratio, in (0, 1); the metric is
+        # target_metric: macs (multiply-adds) | latency (predicted on search.runtime, batch
+        # search.latency_batch, from block latencies timed on this machine: ekg_tf.latency)
+        target_ratio=0.45,
+        target_metric="macs",
+        target_ms=0.0,          # > 0 (target_metric=latency): stop at this predicted latency (ms)
+        runtime="tflite",       # latency target's runtime: tflite (XNNPACK) | onnxruntime
+        runtime_threads=2,      # its threads
+        latency_batch=1,        # its batch size
+        latency_cache="",       # block-latency tables ("": $XDG_CACHE_HOME/ekg_tf/latency)
+        latency_max_cells=256,  # width combinations timed per distinct block at most
         search_step=0.2,        # coarse step per gate: max(1/C, search_step/uses)
+        # kept widths: multiples of round_to (or a group's full width); 8 or 16 match the
+        # channel blocks of XNNPACK / onnxruntime kernels (pruned models as fast as their
+        # MACs say); 1: any width (the reference)
+        round_to=1,
         batch_size=256,         # validation batch (BN batch statistics are per batch)
         objective="ekg",        # ekg (CE + CE(softmax(K))) | loss (plain CE) | accuracy
         importance="taylor",    # taylor (through the gates) | l1 (filter L1 norms)

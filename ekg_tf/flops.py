@@ -1,10 +1,12 @@
 """Analytic complexity (params, multiply-adds) of any sub-network of a traced model.
 
-`ComplexityCounter(dependency_graph)` reads, once, every layer's channel layouts and
+`ComplexityCounter(dependency_graph, round_to)` reads, once, every layer's channel layouts and
 weight shapes from the channel-dependency graph; `count(rates)` is then a pure,
 vectorised function of the group rates (no forward pass), cheap enough to call
 thousands of times during a search. A layout's width is linear in the groups' kept
-channel counts, every term below a product of at most two widths.
+channel counts, every term below a product of at most two widths. A group's kept
+count at a rate is `gates.kept_count` at the group's `round_to` (aligned widths), the
+same count slimming and the search's forwards use.
 
 Reported numbers:
 - `macs`: multiply-adds of convolutions (regular, depthwise, separable) and dense
@@ -61,14 +63,33 @@ class _Terms:
         return int(np.sum(self.coef * w[self.i] * w[self.j]))
 
 
-class ComplexityCounter:
-    """Vectorised `count` for one dependency graph (see the module docstring)."""
+def group_round_to(source, round_to=None) -> dict:
+    """{group: round_to}: `round_to` (an int for every group, or a mapping such as
+    `SubnetSpec.round_to`), else a gated clone's own (1 for a bare dependency graph)."""
+    dependency = getattr(source, "dependency", source)
+    names = [g.name for g in dependency.groups]
+    if round_to is None:
+        if hasattr(source, "gate_groups"):
+            return {g.name: g.round_to for g in source.gate_groups}
+        round_to = 1
+    if isinstance(round_to, Mapping):
+        return {n: int(round_to.get(n, 1)) for n in names}
+    return {n: int(round_to) for n in names}
 
-    def __init__(self, dependency):
-        dependency = getattr(dependency, "dependency", dependency)  # a gated clone
+
+class ComplexityCounter:
+    """Vectorised `count` for one dependency graph (see the module docstring).
+
+    `source`: a gated clone (its groups' `round_to` unless `round_to` is given) or a
+    dependency graph; `round_to`: an int or {group: int} (e.g. `spec.round_to`)."""
+
+    def __init__(self, source, round_to=None):
+        dependency = getattr(source, "dependency", source)  # a gated clone
         self.dependency = dependency
         self.group_names = [g.name for g in dependency.groups]
         self._channels = np.array([g.channels for g in dependency.groups], np.int64)
+        aligned = group_round_to(source, round_to)
+        self.round_to = np.array([aligned[n] for n in self.group_names], np.int64)
         index = {name: i for i, name in enumerate(self.group_names)}
         layouts, rows = {}, []
 
@@ -146,11 +167,17 @@ class ComplexityCounter:
         kept = self._channels.copy()
         for i, name in enumerate(self.group_names):
             if name in rates:
-                kept[i] = kept_count(int(self._channels[i]), rates[name])
+                kept[i] = kept_count(int(self._channels[i]), rates[name],
+                                     int(self.round_to[i]))
         return kept
 
     def widths(self, rates: Mapping[str, float]) -> np.ndarray:
-        return self._rows @ np.concatenate([[1], self.kept_vector(rates)])
+        """The width of every layout (row of the width matrix) at `rates`."""
+        return self.layout_widths(self.kept_vector(rates))
+
+    def layout_widths(self, kept: np.ndarray) -> np.ndarray:
+        """The width of every layout given the kept channels per group (`group_names`)."""
+        return self._rows @ np.concatenate([[1], kept])
 
     def count(self, rates: Mapping[str, float]) -> Complexity:
         """Complexity with each named group at its rate (unnamed groups: rate 1)."""
@@ -182,7 +209,7 @@ def count_complexity(model, rates: Mapping[str, float] | None = None) -> Complex
     if hasattr(model, "gate_groups"):
         if rates is None:
             rates = {g.name: g.rate for g in model.gate_groups}
-        return ComplexityCounter(model.dependency).count(rates)
+        return ComplexityCounter(model).count(rates)
     return ComplexityCounter(dependency_graph(model)).count(rates or {})
 
 

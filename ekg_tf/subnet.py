@@ -4,8 +4,9 @@ A `SubnetSpec` is what the search produces and what slimming, fine-tuning and
 export consume. Groups are named by the traced graph (the first layer producing
 their channels). JSON form (`to_json`):
   {"arch": "resnet56", "num_classes": 10, "input_shape": [32, 32, 3],
-   "groups": {"conv": {"channels": 16, "rate": 0.75, "rank": [...],
+   "groups": {"conv": {"channels": 16, "rate": 0.75, "round_to": 1, "rank": [...],
                        "kept_indices": [...]}, ...}}
+`round_to` (default 1: any width) aligns a group's kept width (`gates.kept_count`).
 `arch` is the model's name (informative); a spec fits a model when its groups have
 the same names and channel counts.
 """
@@ -27,10 +28,11 @@ class GroupState:
     channels: int
     rate: float
     rank: tuple
+    round_to: int = 1
 
     @property
     def kept(self) -> int:
-        return kept_count(self.channels, self.rate)
+        return kept_count(self.channels, self.rate, self.round_to)
 
     def kept_indices(self) -> list[int]:
         rank = np.asarray(self.rank)
@@ -47,13 +49,23 @@ class SubnetSpec:
     @classmethod
     def from_model(cls, model) -> "SubnetSpec":
         """The current sub-network of a gated clone."""
-        groups = {g.name: GroupState(g.channels, float(g.rate), tuple(int(r) for r in g.rank))
+        groups = {g.name: GroupState(g.channels, float(g.rate), tuple(int(r) for r in g.rank),
+                                     g.round_to)
                   for g in model.gate_groups}
         return cls(model.arch_name, model.num_classes, tuple(model.image_shape), groups)
 
     @property
     def rates(self) -> dict:
         return {name: g.rate for name, g in self.groups.items()}
+
+    @property
+    def round_to(self) -> dict:
+        return {name: g.round_to for name, g in self.groups.items()}
+
+    @property
+    def kept(self) -> dict:
+        """Kept channels per group."""
+        return {name: g.kept for name, g in self.groups.items()}
 
     def check_fits(self, model) -> None:
         """ValueError unless the gated clone `model` has exactly this spec's groups."""
@@ -77,6 +89,7 @@ class SubnetSpec:
         for g in model.gate_groups:
             state = self.groups[g.name]
             g.rank = state.rank
+            g.round_to = state.round_to
             g.rate = state.rate
 
     def full_width(self) -> "SubnetSpec":
@@ -87,7 +100,8 @@ class SubnetSpec:
     def to_dict(self) -> dict:
         return {"arch": self.arch, "num_classes": self.num_classes,
                 "input_shape": list(self.input_shape),
-                "groups": {name: {"channels": g.channels, "rate": g.rate, "kept": g.kept,
+                "groups": {name: {"channels": g.channels, "rate": g.rate,
+                                  "round_to": g.round_to, "kept": g.kept,
                                   "rank": list(g.rank), "kept_indices": g.kept_indices()}
                            for name, g in self.groups.items()}}
 
@@ -95,7 +109,8 @@ class SubnetSpec:
     def from_dict(cls, d: dict) -> "SubnetSpec":
         try:
             groups = {name: GroupState(int(g["channels"]), float(g["rate"]),
-                                       tuple(int(r) for r in g["rank"]))
+                                       tuple(int(r) for r in g["rank"]),
+                                       int(g.get("round_to", 1)))
                       for name, g in d["groups"].items()}
             return cls(str(d["arch"]), int(d["num_classes"]), tuple(d["input_shape"]), groups)
         except (KeyError, TypeError, ValueError) as e:

@@ -27,6 +27,7 @@ import numpy as np
 import keras
 
 from ekg_tf.errors import UserError
+from ekg_tf.latency.runtimes import RUNTIMES, Runtime, edge_saved_model
 from ekg_tf.slimming import fold_batch_norm
 from ekg_tf.utils.io import (atomic_path, atomic_write_text, directory_lock,
                              remove_temporaries)
@@ -120,19 +121,6 @@ def resolve_version(export_dir: str, model_name: str, version: int, fingerprint:
                 f"(versions present: {sorted(existing)}); refusing to overwrite it. "
                 "Use export.version=0 for the next free version, or another export dir.")
     return version
-
-
-def _edge_saved_model(model: keras.Model, path: str) -> str:
-    """A float SavedModel of `model` (input `images`, output `logits`) for TFLite conversion."""
-    import tensorflow as tf
-    archive = keras.export.ExportArchive()
-    archive.track(model)
-    shape = [None, *(int(d) for d in model.inputs[0].shape[1:])]
-    archive.add_endpoint(sm.SIGNATURE, tf.function(
-        lambda images: {"logits": model(images, training=False)},
-        input_signature=[tf.TensorSpec(shape, tf.float32, name="images")]))
-    archive.write_out(path, verbose=False)
-    return path
 
 
 def export_all(req: ExportRequest, progress=print) -> dict:
@@ -247,7 +235,8 @@ def _tflite_artifacts(v: _Verification, deploy, art_dir, modes):
     req = v.req
     build = tempfile.mkdtemp(dir=art_dir, prefix=".edge-")
     try:
-        edge = _edge_saved_model(deploy, os.path.join(build, "edge"))
+        edge = edge_saved_model(deploy,  # as the latency model converts
+                                os.path.join(build, "edge"))
         for mode in modes:
             t0 = time.time()
             blob = tflite.convert(edge, mode, req.representative, int8_io=req.int8_io,
@@ -303,6 +292,7 @@ def _export_all(req: ExportRequest, progress) -> dict:
         "fingerprint": fingerprint, "verify_images": int(len(v.x)),
         "threads": {"tflite": req.threads, "onnxruntime": req.threads,
                     "tensorflow": f"default (cpu_count={os.cpu_count()})"},
+        "runtime_settings": {name: Runtime(name, req.threads).describe() for name in RUNTIMES},
         "latency_runs": req.latency_runs, "latency_statistic": "median wall ms",
         "artifacts": v.artifacts, "dense_latency_ms": dense, **req.info,
         "seconds": time.time() - start,
@@ -318,7 +308,7 @@ def _dense_latency(req: ExportRequest, formats, lat) -> dict:
     build = tempfile.mkdtemp(dir=req.export_dir, prefix=".dense-")
     try:
         if "tflite" in formats:
-            edge = _edge_saved_model(dense, os.path.join(build, "edge"))
+            edge = edge_saved_model(dense, os.path.join(build, "edge"))
             path = os.path.join(build, "dense.tflite")
             with open(path, "wb") as f:
                 f.write(tflite.convert(edge, "none"))

@@ -6,7 +6,6 @@ model) and returns `logits`.
 from __future__ import annotations
 
 import numpy as np
-import tensorflow as tf
 import keras
 
 from ekg_tf.errors import UserError
@@ -16,13 +15,10 @@ from ekg_tf.utils.io import atomic_path
 def convert(model: keras.Model, path: str, opset: int = 17):
     """Writes `model` as ONNX (opset `opset`) to `path`; returns the checked ModelProto."""
     import onnx
-    import tf2onnx
+    from ekg_tf.latency.runtimes import onnx_proto
     if not 7 <= int(opset) <= 21:
         raise UserError(f"export.opset must be an ONNX opset tf2onnx supports (7..21), got {opset}")
-    shape = [None, *(int(d) for d in model.inputs[0].shape[1:])]
-    fn = tf.function(lambda images: {"logits": model(images, training=False)})
-    proto, _ = tf2onnx.convert.from_function(
-        fn, input_signature=[tf.TensorSpec(shape, tf.float32, name="images")], opset=int(opset))
+    proto = onnx_proto(model, int(opset))  # the conversion the latency model times
     onnx.checker.check_model(proto, full_check=True)
     with atomic_path(path) as tmp:
         onnx.save(proto, tmp)
@@ -30,15 +26,15 @@ def convert(model: keras.Model, path: str, opset: int = 17):
 
 
 class OnnxRunner:
-    """onnxruntime CPU session with a fixed number of intra-op threads."""
+    """onnxruntime CPU session with the settings of `ekg_tf.latency.runtimes`
+    (`onnx_session_options`: the ones the latency model times; docs/latency.md)."""
 
     def __init__(self, path: str, num_threads: int = 2):
         import onnxruntime as ort
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = num_threads
-        options.inter_op_num_threads = 1
+        from ekg_tf.latency.runtimes import onnx_session_options
         self.num_threads = num_threads
-        self.session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(path, onnx_session_options(num_threads),
+                                            providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, images: np.ndarray) -> np.ndarray:

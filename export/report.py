@@ -44,10 +44,36 @@ def markdown(report: dict) -> str:
             lines.append(f"| {name} | {d['batch1']:.2f} | {_fmt(p.get('batch1'), '.2f')} | "
                          f"{_fmt(r1, '.3f')} | {d['batch32']:.2f} | "
                          f"{_fmt(p.get('batch32'), '.2f')} | {_fmt(r32, '.3f')} |")
+    lines += _predicted_lines(report)
+    settings = report.get("runtime_settings")
+    if settings:
+        lines += ["", "Runtime settings: " + "; ".join(
+            f"{name}: " + ", ".join(f"{k}={v}" for k, v in d.items() if k != "runtime")
+            for name, d in settings.items())]
     failed = [a for a in report["artifacts"] if a["status"] != "ok"]
     if failed:
         lines += ["", "Failed:"] + [f"- {a['name']}: {'; '.join(a['reasons'])}" for a in failed]
     return "\n".join(lines) + "\n"
+
+
+def _predicted_lines(report: dict) -> list:
+    """Predicted (ekg_tf.latency tables) beside measured latency, per runtime and batch."""
+    predicted = report.get("predicted_latency_ms") or {}
+    if not predicted:
+        return []
+    measured = {a["name"]: a.get("latency_ms") or {} for a in report["artifacts"]}
+    dense = report.get("dense_latency_ms") or {}
+    lines = ["", "Predicted (latency model) vs measured latency (ms):", "",
+             "| runtime | batch | predicted | measured | error | dense predicted | "
+             "dense measured |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, per_batch in predicted.items():
+        for batch, p in per_batch.items():
+            m = measured.get(name, {}).get(batch)
+            err = None if not m else p["predicted_ms"] / m - 1.0
+            lines.append(f"| {name} | {batch[5:]} | {p['predicted_ms']:.3f} | {_fmt(m, '.3f')} | "
+                         f"{_fmt(None if err is None else 100 * err, '+.1f')}% | "
+                         f"{p['dense_ms']:.3f} | {_fmt(dense.get(name, {}).get(batch), '.3f')} |")
+    return lines
 
 
 def write(report: dict, directory: str, also: str | None = None) -> list[str]:

@@ -104,6 +104,15 @@ def dense_reference(config, spec, gated):
     return base, dense
 
 
+def predicted_latency(config, base, spec) -> dict:
+    """The latency model's prediction of the pruned and the dense network on each runtime,
+    from the block tables already cached (`ekg_tf.latency`; nothing is timed here): the
+    report shows it beside the measured latency."""
+    from ekg_tf.latency.model import cached_predictions
+    return cached_predictions(base, spec, int(config.export.threads),
+                              cache_dir=str(config.search.get("latency_cache", "")))
+
+
 def run_export(config, workdir: str, formats=None, quantize=None, weights=None, subnet=None,
                export_dir=None, representative_data=None, log=None) -> dict:
     """Writes and verifies the deployment artifacts of `workdir`; returns the export report
@@ -130,8 +139,9 @@ def run_export(config, workdir: str, formats=None, quantize=None, weights=None, 
     test = load_arrays(config.data, "test")
     n_verify = min(int(ecfg.verify_images), len(test))
     base, dense = dense_reference(config, spec, gated)
-    counter = ComplexityCounter(base.dependency)
+    counter = ComplexityCounter(base.dependency, round_to=spec.round_to)
     full, pruned = counter.full, counter.count(spec.rates)
+    predicted = predicted_latency(config, base, spec)
     norm_name = config.data.get("normalization") or config.data.name
     req = exporter.ExportRequest(
         slim=slim, export_dir=inputs.export_dir, normalization=normalization_for(norm_name),
@@ -146,7 +156,9 @@ def run_export(config, workdir: str, formats=None, quantize=None, weights=None, 
               "weights": os.path.abspath(weights_path), "fine_tuned": fine_tuned,
               "bn_recalibrated": not fine_tuned, "macs": pruned.macs, "dense_macs": full.macs,
               "params": pruned.params, "dense_params": full.params,
-              "macs_ratio": pruned.macs / full.macs, "params_ratio": pruned.params / full.params})
+              "macs_ratio": pruned.macs / full.macs, "params_ratio": pruned.params / full.params,
+              "round_to": sorted(set(spec.round_to.values())),
+              "predicted_latency_ms": predicted})
     report = exporter.export_all(req, progress=log)
     write_summaries(report, os.path.join(report["export_dir"], "artifacts",
                                          str(report["version"])))

@@ -33,7 +33,7 @@ def l1_uniform_subnet(model, target_ratio: float, step: float = 0.01,
         raise UserError(f"target MACs ratio must be in (0, 1], got {target_ratio}")
     for name, score in l1_filter_scores(model).items():
         model.gate_group(name).set_rank_from_score(score)
-    counter = ComplexityCounter(model.dependency)
+    counter = ComplexityCounter(model)  # its groups' round_to
     streams = residual_streams(model) if keep_streams else set()
     names = [g.name for g in model.gate_groups if g.name not in streams]
     rate = 1.0

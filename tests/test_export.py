@@ -255,8 +255,8 @@ def test_r56_quantized_tflite(r56, tmp_path):
     # network (83% top-1); on the full-cost search 0.985-0.990 vs 0.980-0.987, and
     # 0.991-0.993 vs 0.982-0.983 after a short fine-tuning (89.5%; docs/export.md).
     # Both keep the float accuracy (within 0.7 points).
-    from ekg_tf.export.exporter import _edge_saved_model
-    edge = _edge_saved_model(fold_batch_norm(r56["slim"]), str(tmp_path / "edge"))
+    from ekg_tf.latency.runtimes import edge_saved_model
+    edge = edge_saved_model(fold_batch_norm(r56["slim"]), str(tmp_path / "edge"))
     path = str(tmp_path / "minmax_int8.tflite")
     with open(path, "wb") as f:
         f.write(tflite.convert(edge, "int8", r56["x_train"][:256], calibration="minmax"))
@@ -269,9 +269,9 @@ def test_r56_quantized_tflite(r56, tmp_path):
 
 def test_r56_dense_int8_agreement(r56, tmp_path):
     """Full-int8 TFLite of the published ResNet-56 agrees with Keras on >= 98% of the images."""
-    from ekg_tf.export.exporter import _edge_saved_model
+    from ekg_tf.latency.runtimes import edge_saved_model
     folded = fold_batch_norm(r56["dense"])
-    edge = _edge_saved_model(folded, str(tmp_path / "edge"))
+    edge = edge_saved_model(folded, str(tmp_path / "edge"))
     path = str(tmp_path / "dense_int8.tflite")
     with open(path, "wb") as f:
         f.write(tflite.convert(edge, "int8", r56["x_train"][:256], int8_io=True))

@@ -165,6 +165,39 @@ def test_random_subnetworks_slim_and_count_exactly(case):
             g.rate = 1.0
 
 
+def test_aligned_widths_and_latency_blocks_of_any_model(case):
+    """Aligned widths hold for every group of any traced model (slimmed layers, counter),
+    and the latency model's blocks tile the graph and build at their grid widths."""
+    from ekg_tf.latency.model import segment_grids
+    from ekg_tf.latency.segments import segment_graph, segment_model
+    name, model, gated, x = case
+    round_to = max(r for r in (1, 2, 4, 8) if r <= min(g.channels for g in gated.gate_groups))
+    rng = np.random.default_rng(2)
+    gated.set_round_to(round_to)
+    try:
+        for g in gated.gate_groups:
+            g.rank = rng.permutation(g.channels)
+            g.rate = float(rng.uniform(0.0, 1.0))
+            assert g.kept % round_to == 0 or g.kept == g.channels
+        spec = SubnetSpec.from_model(gated)
+        slim = slim_model(gated, spec)
+        assert ComplexityCounter(gated).count(spec.rates).macs == layer_macs(slim)
+        segments = segment_graph(gated.dependency)
+        assert segments[0].start == 0 and segments[-1].stop == len(gated.dependency.graph.nodes)
+        assert all(a.stop == b.start for a, b in zip(segments, segments[1:]))
+        seg = max(segments, key=lambda s: len(s.groups))
+        grids = segment_grids([gated.gate_group(n).channels for n in seg.groups],
+                              [round_to] * len(seg.groups), max_cells=64)
+        kept = {n: grid[len(grid) // 2] for n, grid in zip(seg.groups, grids)}
+        block = segment_model(gated.dependency, seg, kept)
+        shape = (2, *block.inputs[0].shape[1:])
+        assert np.all(np.isfinite(block(np.ones(shape, np.float32)).numpy()))
+    finally:
+        gated.set_round_to(1)
+        for g in gated.gate_groups:
+            g.rate = 1.0
+
+
 def test_layers_followed_only_in_part_pin_their_channels_with_the_reason():
     """BN over another axis, a grouped conv and a softmax over channels are known layers
     whose channels cannot be followed: pinned, listed, and the model still runs as is."""

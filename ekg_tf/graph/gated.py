@@ -16,7 +16,7 @@ import keras
 from ekg_tf.errors import UserError
 from ekg_tf.graph.dependency import DependencyGraph, dependency_graph
 from ekg_tf.graph.forward import MaskedForward, SlicedForward
-from ekg_tf.graph.gates import GateGroup
+from ekg_tf.graph.gates import GateGroup, check_round_to
 from ekg_tf.graph.rules import BatchNormStep
 
 
@@ -69,6 +69,13 @@ class GatedModel(keras.Model):
         except KeyError:
             raise KeyError(f"no gate group {name!r}; groups: "
                            f"{[g.name for g in self._ekg.groups]}") from None
+
+    def set_round_to(self, round_to: int) -> None:
+        """Aligns every group's kept widths to multiples of `round_to` (or the group's full
+        width); ValueError if it is < 1 or larger than a group."""
+        round_to = check_round_to(round_to, self._ekg.groups)
+        for g in self._ekg.groups:
+            g.round_to = round_to
 
     @property
     def arch_name(self) -> str:

@@ -7,6 +7,12 @@ channels with `rank < max(C * rate, 1)` (at least one channel survives). The mas
 lives in a non-trainable variable so that changing rates never retraces a
 compiled forward pass.
 
+Aligned widths (`round_to` r > 1): the kept count is `C * rate` rounded up to a
+multiple of r (at least r; all C channels once it reaches C), so that every width
+the search, the complexity counter, the memory bank and slimming see is one the
+deployment runtimes' kernels process in whole channel blocks (XNNPACK and MLAS
+tile output channels by 4, 8 or 16). r = 1 is the reference's count, unchanged.
+
 `gate(x, mask)` multiplies a gated tensor by its mask; its gradient passes
 through unmasked (as the reference's gate), so the Taylor score
 `|sum_{b,h,w} dL/dy * y|` of an upstream gate also sees pruned channels' paths.
@@ -18,11 +24,57 @@ import math
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.errors import UserError
 
-def kept_count(channels: int, rate: float) -> int:
-    """Channels kept at `rate`: #{rank < max(C*rate, 1)}, in float32 as the reference."""
-    threshold = max(float(np.float32(channels) * np.float32(rate)), 1.0)
-    return min(channels, int(math.ceil(threshold)))
+
+# An aligned rate written as w / C (and rounded to 5 decimals, as the search writes rates)
+# is w channels up to 5e-6 * C; 0.05 channel of tolerance lands it on w for C < 10,000.
+_ALIGN_TOLERANCE = 0.05
+
+
+def kept_count(channels: int, rate: float, round_to: int = 1) -> int:
+    """Channels kept at `rate`.
+
+    round_to = 1: #{rank < max(C*rate, 1)}, in float32 as the reference. round_to = r > 1:
+    C*rate rounded up to a multiple of r, at least r, at most C (the aligned width)."""
+    if round_to == 1:
+        threshold = max(float(np.float32(channels) * np.float32(rate)), 1.0)
+        return min(channels, int(math.ceil(threshold)))
+    units = math.ceil((channels * float(rate) - _ALIGN_TOLERANCE) / round_to)
+    return min(channels, max(round_to, units * round_to))
+
+
+def aligned_rate(channels: int, rate: float, round_to: int = 1) -> float:
+    """The rate written for `rate` at `round_to`: the kept fraction kept/C of its aligned
+    width (r = 1: `rate` as it is, the reference's rates)."""
+    if round_to == 1:
+        return float(rate)
+    return round(kept_count(channels, rate, round_to) / channels, 5)
+
+
+def aligned_widths(channels: int, round_to: int = 1) -> list[int]:
+    """Every width a group of `channels` can have at `round_to`, ascending."""
+    return sorted(set(range(round_to, channels + 1, round_to)) | {channels})
+
+
+def check_round_to(round_to, groups) -> int:
+    """`round_to` as an int; UserError (what to fix) if it is not >= 1 or exceeds a group."""
+    try:
+        valid = not isinstance(round_to, bool) and int(round_to) == round_to >= 1
+    except (TypeError, ValueError):
+        valid = False
+    if not valid:
+        raise UserError(f"search.round_to must be an integer >= 1 (1: any width; 8 or 16: "
+                         f"widths in the runtimes' channel blocks), got {round_to!r}")
+    round_to = int(round_to)
+    narrow = [g for g in groups if g.channels < round_to]
+    if narrow:
+        g = min(narrow, key=lambda g: g.channels)
+        raise UserError(
+            f"search.round_to={round_to} is larger than gate group {g.name!r} "
+            f"({g.channels} channels; {len(narrow)} group(s) are narrower than {round_to}); "
+            f"use a round_to of at most {min(x.channels for x in groups)}")
+    return round_to
 
 
 class GateGroup:
@@ -31,6 +83,7 @@ class GateGroup:
     def __init__(self, group):
         self.group = group  # the ChannelGroup (name, channels, members, gate places)
         self._rate = 1.0
+        self._round_to = 1
         self._rank = np.arange(self.channels, dtype=np.int64)
         self.score = np.zeros(self.channels, dtype=np.float64)
         # Sub-network state, saved in the sub-network spec, never in the model weights.
@@ -62,7 +115,17 @@ class GateGroup:
 
     def __repr__(self):
         return (f"GateGroup({self.name!r}, channels={self.channels}, rate={self.rate:.4f}, "
-                f"kept={self.kept}, uses={self.uses})")
+                f"kept={self.kept}, uses={self.uses}, round_to={self.round_to})")
+
+    @property
+    def round_to(self) -> int:
+        """Kept widths are multiples of this (or the full width); 1 = any width."""
+        return self._round_to
+
+    @round_to.setter
+    def round_to(self, value: int):
+        self._round_to = check_round_to(value, [self])
+        self._sync()
 
     @property
     def rate(self) -> float:
@@ -100,7 +163,7 @@ class GateGroup:
 
     @property
     def kept(self) -> int:
-        return kept_count(self.channels, self._rate)
+        return kept_count(self.channels, self._rate, self._round_to)
 
     def mask(self) -> np.ndarray:
         return (self._rank < self.kept).astype(np.float32)

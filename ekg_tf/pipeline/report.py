@@ -98,22 +98,29 @@ def summarize(workdir: str, records: dict, config=None) -> dict:
     out["layer_width"] = per_layer_widths(config, workdir, slim_path) if config else []
     out["training_settings"] = finetune.get("settings") or {}
     out["search"] = {k: search.get(k) for k in ("steps", "search_seconds", "target_ratio",
+                                                 "target_metric", "round_to", "latency",
                                                  "val_top1", "memory_bank_teachers")}
+    out["runtime_settings"] = export.get("runtime_settings")
     out["finetune_history"] = [{"epoch": h.get("epoch"), "top1": h.get("top1")}
                                for h in _finetune_history(workdir, finetune)]
     return out
 
 
 def latency_table(export: dict) -> list:
-    """Per runtime: dense and pruned median ms at batch 1 and 32."""
+    """Per runtime: dense and pruned median ms at batch 1 and 32, and the latency model's
+    prediction of the pruned network where its tables were cached (ekg_tf.latency)."""
     dense = export.get("dense_latency_ms") or {}
+    predicted = export.get("predicted_latency_ms") or {}
     rows = []
     for a in export.get("artifacts", []):
         lat = a.get("latency_ms") or {}
         d = dense.get(a["name"], {})
+        p = predicted.get(a["name"], {})
         rows.append({"artifact": a["name"], "pruned_b1": lat.get("batch1"),
                      "pruned_b32": lat.get("batch32"), "dense_b1": d.get("batch1"),
-                     "dense_b32": d.get("batch32")})
+                     "dense_b32": d.get("batch32"),
+                     "predicted_b1": p.get("batch1", {}).get("predicted_ms"),
+                     "predicted_b32": p.get("batch32", {}).get("predicted_ms")})
     return rows
 
 

@@ -334,8 +334,8 @@ def kept_indices_of(model, entry) -> tuple:
     for g in model.gate_groups:
         rank = np.asarray(entry["ranks"][g.name])
         rate = min(max(float(entry["rates"][g.name]), 0.0), 1.0)
-        out.append(tf.constant(np.flatnonzero(rank < kept_count(g.channels, rate))
-                               .astype(np.int32)))
+        kept = kept_count(g.channels, rate, g.round_to)  # the group's aligned width
+        out.append(tf.constant(np.flatnonzero(rank < kept).astype(np.int32)))
     return tuple(out)
 
 

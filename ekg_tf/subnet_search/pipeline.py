@@ -22,6 +22,7 @@ from ekg_tf.distribute import make_strategy
 from ekg_tf.errors import UserError
 from ekg_tf.finetune.runner import resolve_temperature
 from ekg_tf.graph.gated import GatedModel
+from ekg_tf.latency.model import search_latency_model
 from ekg_tf.models.sources import model_from_config, model_identity, model_kind
 from ekg_tf.subnet_search import evaluator as ev
 from ekg_tf.subnet_search.adapt import adapt
@@ -57,8 +58,7 @@ def run_fingerprint(config, workdir=None) -> dict:
             "adapt_per_class": int(d.adapt_per_class) if s.adapt else 0,
             "adapt_learning_rate": float(s.adapt_learning_rate) if s.adapt else 0.0,
             "batch_size": int(s.batch_size), "seed": int(config.seed),
-            "target_ratio": float(s.target_ratio), "search_step": float(s.search_step),
-            "objective": str(s.objective), "importance": str(s.importance)}
+            **SearchSettings.from_config(s).fingerprint()}
 
 
 def _normalized(data_cfg, images):
@@ -184,20 +184,30 @@ def adapted_weights(model, config, train, rng, search_dir, resuming, strategy, l
     return info
 
 
-def search_outputs(model, result, evaluator, settings, search_dir) -> dict:
-    """subnet.json, the plots, and the search's part of the result."""
+def search_outputs(model, result, evaluator, settings, search_dir,
+                   latency_model=None) -> dict:
+    """subnet.json, the plots, and the search's part of the result (with the predicted
+    latency when the search had a latency model)."""
     spec_path = os.path.join(search_dir, "subnet.json")
     result.spec.to_json(spec_path)
     plots = save_search_plots(search_dir, result.history,
-                              {g.name: g.channels for g in model.gate_groups})
-    return {"status": "done" if result.done else "incomplete",
+                              {g.name: g.channels for g in model.gate_groups},
+                              result.spec.round_to)
+    out = {"status": "done" if result.done else "incomplete",
             "flops_ratio": result.macs_ratio, "macs_ratio": result.macs_ratio,
             "params_ratio": result.params_ratio, "steps": result.steps,
             "search_seconds": result.search_seconds, "val_loss": result.val_loss,
             "val_top1": result.val_top1, "target_ratio": settings.target_ratio,
             "retraces_after_warmup": result.retraces_after_warmup,
             "trace_count": evaluator.trace_count, "subnet": spec_path,
-            "weights": os.path.join(search_dir, "weights.weights.h5"), "plots": plots}
+            "weights": os.path.join(search_dir, "weights.weights.h5"), "plots": plots,
+            "round_to": settings.round_to, "target_metric": settings.target_metric}
+    if latency_model is not None:
+        out["latency"] = {**latency_model.describe(), "target_ratio": result.target,
+                          "target_ms": result.target * result.dense_latency_ms,
+                          "predicted_ms": result.latency_ms,
+                          "predicted_ratio": result.latency_ratio}
+    return out
 
 
 def memory_bank_outputs(model, config, workdir, result, log) -> dict:
@@ -233,18 +243,22 @@ def run_search(config, workdir: str, log=None, on_step=None, strategy=None) -> d
     keras.utils.set_random_seed(int(config.seed))  # same initial weights when init is empty
     with strategy.scope():
         model = GatedModel(model_from_config(config), sync_bn=bool(config.model.sync_bn))
+    model.set_round_to(settings.round_to)  # a round_to wider than a group fails before any work
     # The model holds its initial weights until adapted_weights (also when resuming).
     baseline = evaluate_baseline(model, config, os.path.join(search_dir, "baseline.json"), log)
     adapt_info = adapted_weights(model, config, train, rng, search_dir, resuming, strategy, log)
 
-    writer = tf.summary.create_file_writer(os.path.join(search_dir, "tb"))
     s = config.search
+    latency_model = search_latency_model(settings, model, str(s.get("latency_cache", "")),
+                                         int(s.get("latency_max_cells", 256)), log)
+    writer = tf.summary.create_file_writer(os.path.join(search_dir, "tb"))
     result, evaluator = search_subnetwork(
         model, val_x, val_y, settings, search_dir, strategy=strategy,
         batch_size=int(s.batch_size), forward=str(s.forward), cache_prefix=bool(s.cache_prefix),
         fingerprint=fingerprint, log=log, summary_writer=writer, on_step=on_step,
-        rng_state={"seed": int(config.seed), "numpy_pcg64": rng.bit_generator.state})
-    out = search_outputs(model, result, evaluator, settings, search_dir)
+        rng_state={"seed": int(config.seed), "numpy_pcg64": rng.bit_generator.state},
+        latency_model=latency_model)
+    out = search_outputs(model, result, evaluator, settings, search_dir, latency_model)
     out.update(baseline)
     if adapt_info:
         out["adapt_seconds"] = adapt_info["seconds"]

@@ -1,35 +1,58 @@
 """Pure functions of the search: step sizes, candidate marking, the FLOPs-landing fine step,
-and the L1-norm filter importance (an ablation of the Taylor scores)."""
+and the L1-norm filter importance (an ablation of the Taylor scores).
+
+Aligned widths (`round_to` r > 1, see `gates.kept_count`): a group's coarse step is a
+whole number of r-channel units (the reference's step rounded, at least one unit), its
+fine (landing) step one unit, and the removal sum covers exactly the channels the step
+removes; r = 1 is the reference's arithmetic, unchanged."""
 from __future__ import annotations
 
 from typing import Callable, Mapping
 
 import numpy as np
 
+from ekg_tf.graph.gates import kept_count
 from ekg_tf.subnet_search.otsu import trimmed_otsu
 
 NOT_A_CANDIDATE = float("inf")
 
 
-def step_size(channels: int, uses: int, search_step: float) -> float:
-    """Per-group coarse step `max(1/C, search_step/uses)` (a shared gate moves more FLOPs)."""
+def step_size(channels: int, uses: int, search_step: float, round_to: int = 1) -> float:
+    """Per-group coarse step `max(1/C, search_step/uses)` (a shared gate moves more FLOPs);
+    with `round_to` r > 1 the same rounded to whole r-channel units (at least one)."""
     if channels < 1 or uses < 1:
         raise ValueError(f"step_size needs channels >= 1 and uses >= 1, got {channels}, {uses}")
-    return max(1.0 / channels, search_step / uses)
+    if round_to == 1:
+        return max(1.0 / channels, search_step / uses)
+    units = max(1, round(search_step / uses * channels / round_to))
+    return units * round_to / channels
 
 
-def removal_sum(score, rate: float, step: float) -> float:
+def fine_step(channels: int, round_to: int = 1) -> float:
+    """The landing step: one channel (the reference), or one r-channel unit."""
+    return round_to / channels
+
+
+def removal_sum(score, rate: float, step: float, round_to: int = 1) -> float:
     """Sum of the scores of the channels the next step would remove.
 
     Scores sorted ascending: the first `round((1-rate)*C)` are the already removed
     channels (their score is 0), the next `step` fraction are the lowest-scoring
-    survivors. A group at rate <= 0 (one channel left) cannot shrink: +inf.
+    survivors. A group at rate <= 0 (one channel left) cannot shrink: +inf. Aligned
+    (`round_to` > 1): the window is exactly the channels between the kept widths at
+    `rate` and `rate - step`; +inf when that removes nothing (the group is at r).
     """
     if rate <= 0:
         return NOT_A_CANDIDATE
     s = np.sort(np.asarray(score, dtype=np.float64).ravel())
-    r = 1.0 - rate
-    return float(np.sum(s[round(r * s.size):round((r + step) * s.size)]))
+    if round_to == 1:
+        r = 1.0 - rate
+        return float(np.sum(s[round(r * s.size):round((r + step) * s.size)]))
+    start = s.size - kept_count(s.size, rate, round_to)
+    stop = s.size - kept_count(s.size, clamp_rate(next_rate(rate, step)), round_to)
+    if stop <= start:
+        return NOT_A_CANDIDATE
+    return float(np.sum(s[start:stop]))
 
 
 def mark_candidates(sums, cut: float = 0.2) -> np.ndarray:
@@ -53,7 +76,8 @@ def landing_rate(ratio_at: Callable[[float], float], low_rate: float, fine_step:
     FLOPs ratio is <= target; `low_rate` itself must be at or below the target.
 
     This is the reference's fine search: after a coarse step overshoots the target,
-    walk back up in 1/C steps and stop at the last rate still at or below it.
+    walk back up in 1/C steps (aligned: one r-channel unit, so it lands on an aligned
+    width) and stop at the last rate still at or below it.
     """
     if ratio_at(low_rate) > target:
         raise ValueError("landing_rate: the low rate must already be at or below the target")
@@ -86,7 +110,10 @@ def candidate_rate(ratio_of: Callable[[Mapping[str, float]], float], rates: Mapp
         return ratio_of(trial)
 
     if ratio_at(low) < target:
-        low = landing_rate(ratio_at, low, fine_step, search_step, target)
+        # The walk ends at the first rate above the target, at the latest at the current
+        # rate, so any span >= step gives the reference's result (its span is
+        # search_step); aligned steps can exceed search_step.
+        low = landing_rate(ratio_at, low, fine_step, max(search_step, step), target)
     return clamp_rate(low)
 
 
