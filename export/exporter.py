@@ -31,6 +31,17 @@ from export import (int8_calibration, onnx_export, report as report_lib, saved_m
 FORMATS = ("saved_model", "tflite", "onnx")
 
 
+@dataclasses.dataclass
+class PrebuiltArtifact:
+    """A TFLite file made elsewhere from the same network (e.g. by quantization-aware
+    training, `ekg_tf.qat`), verified like the converted ones. `source_logits`: the
+    logits on the verification images of the model it was converted from, if that is
+    not the reference (reported as `source_top1_agreement` / `source_max_abs_diff`)."""
+    path: str
+    source_logits: np.ndarray | None = None
+    source: str = ""
+
+
 def check_formats(formats) -> list[str]:
     formats = [f.strip() for f in formats if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
@@ -62,6 +73,7 @@ class ExportRequest:
     latency_runs: int = 20
     threads: int = 2
     dense: keras.Model | None = None  # the unpruned slim model, for latency comparison
+    prebuilt: dict = dataclasses.field(default_factory=dict)  # name -> PrebuiltArtifact (TFLite)
     info: dict = dataclasses.field(default_factory=dict)  # extra report fields (spec, MACs...)
 
 
@@ -228,6 +240,8 @@ def export_all(req: ExportRequest, progress=print) -> dict:
                                      if mode == "int8" else {})})
         finally:
             shutil.rmtree(build, ignore_errors=True)
+        for name, artifact in req.prebuilt.items():
+            _add_prebuilt(name, artifact, art_dir, x_verify, add, lat, req.threads)
 
     if "onnx" in formats:
         path = os.path.join(art_dir, "model.onnx")
@@ -251,6 +265,21 @@ def export_all(req: ExportRequest, progress=print) -> dict:
     }
     report_lib.write(result, art_dir, also=req.export_dir)
     return result
+
+
+def _add_prebuilt(name, artifact: PrebuiltArtifact, art_dir, x_verify, add, lat, threads):
+    """Copies a prebuilt TFLite file into the version's artifacts and verifies it."""
+    path = os.path.join(art_dir, f"model_{name.removeprefix('tflite_')}.tflite")
+    with atomic_path(path) as tmp:
+        shutil.copyfile(artifact.path, tmp)
+    runner = tflite.TFLiteRunner(path, num_threads=threads)
+    logits = runner.predict(x_verify)
+    extra = {"prebuilt_from": os.path.abspath(artifact.path), "source": artifact.source}
+    if artifact.source_logits is not None:
+        own = verify.compare(artifact.source_logits, logits)
+        extra.update(source_top1_agreement=own["top1_agreement"],
+                     source_max_abs_diff=own["max_abs_diff"])
+    add(name, "tflite", path, logits, lat(runner), extra)
 
 
 def _dense_latency(req: ExportRequest, formats, lat) -> dict:
