@@ -14,5 +14,6 @@ setup(
         "ekg-search=ekg_tf.cli.search:run",
         "ekg-finetune=ekg_tf.cli.finetune:run",
         "ekg-export=export.cli:run",
+        "ekg-qat=ekg_tf.cli.qat:run",
     ]},
 )

@@ -17,7 +17,8 @@ __version__ = "0.2.0"
 
 _API = {"prune": "ekg_tf.api", "search": "ekg_tf.api", "slim": "ekg_tf.api",
         "export": "ekg_tf.api", "dependency_graph": "ekg_tf.api", "PruneResult": "ekg_tf.api",
-        "SubnetSpec": "ekg_tf.subnet", "GatedModel": "ekg_tf.graph.gated"}
+        "SubnetSpec": "ekg_tf.subnet", "GatedModel": "ekg_tf.graph.gated",
+        "quantize_aware": "ekg_tf.qat"}
 __all__ = sorted(_API)
 
 

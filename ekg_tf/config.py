@@ -112,6 +112,24 @@ def finetune_config():
     ))
 
 
+def qat_config():
+    """Quantization-aware training (ekg-qat); the keys not here (momentum, weight decay,
+    views, jitter, temperature, teacher selection) are the fine-tuning's."""
+    return ml_collections.ConfigDict(dict(
+        mode="auto",            # auto (ekg when workdir/memory_bank exists, else plain) | ekg | plain
+        epochs=1,
+        steps=0,                # >0: train this many steps (overrides epochs)
+        batch_size=0,           # global batch; 0: data.batch_size
+        learning_rate=1e-3,
+        schedule="cosine",      # cosine | step (finetune.decay_*) | constant
+        warmup_steps=0,
+        train_subset=0,         # >0: use only this many (random, seeded) training images
+        # Training batches that set the activation ranges before QAT (their mean batch
+        # [min, max]); 0: tfmot's own start, [-6, 6] moved by a 0.999 moving average
+        calibration_batches=8,
+    ))
+
+
 def export_config():
     return ml_collections.ConfigDict(dict(
         model_name="ekg_model",  # TF Serving model name: <export_dir>/saved_model/<name>/<version>
@@ -147,6 +165,7 @@ def base_config():
     config.train = train_config()
     config.search = search_config()
     config.finetune = finetune_config()
+    config.qat = qat_config()
     config.export = export_config()
     config.strategy = "mirrored"    # mirrored | one_device | multi_worker (auto when TF_CONFIG)
     config.seed = 0
