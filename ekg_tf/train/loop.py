@@ -184,7 +184,7 @@ def fit(trainer: Trainer, *, workdir: str, make_train_input: Callable, steps_per
         # A finite loss can still leave Inf/NaN weights behind (a huge update): never
         # checkpoint those.
         if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in model.weights
-                   if v.dtype.is_floating):  # integer state (e.g. a QAT step counter) is finite
+                   if tf.as_dtype(v.dtype).is_floating):  # integer state (a QAT step counter)
             diverged(step_now, "the weights are no longer finite")
         manager.save(checkpoint_number=step_now)
         if chief:
