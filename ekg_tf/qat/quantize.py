@@ -163,11 +163,16 @@ def quantize_aware_model(model):
 
 # ----------------------------------------------------------------------------- calibration
 @contextlib.contextmanager
-def _recording_moving_average_ranges(record: dict):
-    """Within: every MovingAverageQuantizer passes its input through unquantized and
-    records (min var, max var, batch range) instead of moving its range (eager calls)."""
-    cls = _qk.quantizers.MovingAverageQuantizer
-    original = cls.__call__
+def _calibrating(record: dict):
+    """Within (eager calls): every MovingAverageQuantizer passes its input through
+    unquantized and records (min var, max var, batch range) instead of moving its range;
+    weight (LastValue) and input (AllValues) quantizers take their training-time ranges
+    (the current kernel's [min, max]; the inputs seen), which tfmot otherwise sets only
+    in the first training step: before it, a kernel is quantized over [-6, 6], which
+    rounds most of a conv's weights to 0."""
+    q = _qk.quantizers
+    originals = {cls: cls.__call__ for cls in (q.MovingAverageQuantizer, q.LastValueQuantizer,
+                                               q.AllValuesQuantizer)}
 
     def record_range(self, inputs, training, weights, **kwargs):
         low, high = weights["min_var"], weights["max_var"]
@@ -183,20 +188,30 @@ def _recording_moving_average_ranges(record: dict):
         entry[2].append((np.minimum(batch_min, 0.0), np.maximum(batch_max, 0.0)))
         return inputs
 
-    cls.__call__ = record_range
+    def training_ranges(cls):
+        def call(self, inputs, training, weights, **kwargs):
+            return originals[cls](self, inputs, True, weights, **kwargs)
+        return call
+
+    q.MovingAverageQuantizer.__call__ = record_range
+    q.LastValueQuantizer.__call__ = training_ranges(q.LastValueQuantizer)
+    q.AllValuesQuantizer.__call__ = training_ranges(q.AllValuesQuantizer)
     try:
         yield record
     finally:
-        cls.__call__ = original
+        for cls, call in originals.items():
+            cls.__call__ = call
 
 
 def calibrate_ranges(model, batches) -> int:
-    """Sets every moving-average activation range of a QAT `model` to the mean over
-    `batches` (model-ready images, the training batch size) of the batch's [min, max]
-    of the float tensor it quantizes (inference mode; weights fake-quantized as in
-    training). Returns the number of ranges set."""
+    """Sets the quantization ranges of a fresh QAT `model` from `batches` (model-ready
+    images, the training batch size), in inference mode (BN moving statistics): kernels
+    over their [min, max], the input over all values seen, and every moving-average
+    activation range to the mean over the batches of the batch's [min, max] (0 included)
+    of the float tensor it quantizes (the fixed point of tfmot's moving average).
+    Returns the number of activation ranges set."""
     record = {}
-    with _recording_moving_average_ranges(record):
+    with _calibrating(record):
         for images in batches:
             model(tf.constant(images), training=False)
     for low, high, ranges in record.values():
