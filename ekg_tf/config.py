@@ -116,7 +116,9 @@ def qat_config():
     """Quantization-aware training (ekg-qat); the keys not here (momentum, weight decay,
     views, jitter, temperature, teacher selection) are the fine-tuning's."""
     return ml_collections.ConfigDict(dict(
-        mode="auto",            # auto (ekg when workdir/memory_bank exists, else plain) | ekg | plain
+        # auto (ekg when workdir/memory_bank exists, else plain) | ekg (EKG distillation
+        # from the memory bank) | float (distillation from the float network itself) | plain
+        mode="auto",
         epochs=1,
         steps=0,                # >0: train this many steps (overrides epochs)
         batch_size=0,           # global batch; 0: data.batch_size

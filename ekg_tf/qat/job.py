@@ -25,7 +25,7 @@ FILES = {
 class QATJob:
     out_dir: str                  # workdir/qat: checkpoints, TensorBoard, outputs
     config: dict                  # the experiment config (ml_collections, as a dict)
-    mode: str                     # ekg (memory-bank distillation) | plain (cross-entropy)
+    mode: str                     # ekg (memory bank) | float (the float network) | plain (CE)
     bank_dir: str | None = None   # the memory bank (mode ekg)
     train_x: str | None = None    # .npy training images (model-ready); None: config.data
     train_y: str | None = None

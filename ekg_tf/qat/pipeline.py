@@ -31,7 +31,7 @@ from ekg_tf.qat.job import QATJob
 from ekg_tf.utils.cli import UserError
 from ekg_tf.utils.io import atomic_path, atomic_write_json
 
-MODES = ("auto", "ekg", "plain")
+MODES = ("auto", "ekg", "float", "plain")
 ARTIFACT = "tflite_int8_qat"
 
 
@@ -250,8 +250,8 @@ class QATResult:
 
 def quantize_aware(model, train_data, test_data, workdir, *, epochs: int = 1, steps: int = 0,
                    batch_size: int = 128, learning_rate: float = 1e-3,
-                   schedule: str = "cosine", memory_bank=None, temperature: float = 4.0,
-                   calibration_batches: int = 8,
+                   schedule: str = "cosine", mode: str = "auto", memory_bank=None,
+                   temperature: float = 4.0, calibration_batches: int = 8,
                    views: int = 2, representative_data=None, int8_calibration: str = "mse",
                    latency_runs: int = 20, threads: int = 2, seed: int = 0,
                    log=None) -> QATResult:
@@ -260,9 +260,11 @@ def quantize_aware(model, train_data, test_data, workdir, *, epochs: int = 1, st
     `train_data`, `test_data`: (images, labels) arrays or tf.data.Datasets, images as the
     model takes them (as for `model.fit`). Trains `epochs` (or `steps`) with SGD +
     Nesterov momentum at `learning_rate` on a `schedule` (cosine | step | constant),
-    flips and shifts as augmentation; with `memory_bank` (the directory of an EKG memory
-    bank whose rows are `train_data`'s images, in order) the loss is the EKG
-    distillation over `views` augmented views at `temperature`, else cross-entropy.
+    flips and shifts as augmentation. `mode`: `ekg` (the EKG distillation over `views`
+    augmented views at `temperature` from `memory_bank`, the directory of an EKG memory
+    bank whose rows are `train_data`'s images, in order), `float` (the same loss with the
+    float `model` itself as the only teacher), `plain` (cross-entropy), `auto` (ekg with
+    a memory bank, else plain).
     The activation ranges start from `calibration_batches` training batches (see
     `ekg_tf.qat.quantize.calibrate_ranges`; 0: tfmot's [-6, 6]).
     The QAT runs in a separate process (tfmot needs tf-keras); `model` is not changed.
@@ -285,6 +287,9 @@ def quantize_aware(model, train_data, test_data, workdir, *, epochs: int = 1, st
                                                                    "meta.json")):
         raise ValueError(f"memory_bank {memory_bank!r} is not a memory bank directory "
                          "(no meta.json)")
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    mode = resolve_mode(mode, None if memory_bank is None else str(memory_bank))
     config = base_config()
     config.data = _data_config(tx)
     config.data.num_classes = int(model.outputs[0].shape[-1])
@@ -304,9 +309,8 @@ def quantize_aware(model, train_data, test_data, workdir, *, epochs: int = 1, st
         with atomic_path(arrays[name]) as tmp:
             with open(tmp, "wb") as f:
                 np.save(f, value)
-    job = QATJob(out_dir=out_dir, config=config.to_dict(),
-                 mode="plain" if memory_bank is None else "ekg",
-                 bank_dir=None if memory_bank is None else str(memory_bank),
+    job = QATJob(out_dir=out_dir, config=config.to_dict(), mode=mode,
+                 bank_dir=None if mode != "ekg" else str(memory_bank),
                  verify_images=arrays["test_x"], float_fingerprint=float_fingerprint(model),
                  **arrays)
     _check_resume(job)

@@ -10,7 +10,8 @@ Steps: load the float network -> convert it to tf-keras and check that both comp
 the same logits -> tfmot's quantization-aware model (`ekg_tf.qat.quantize`) -> fine-tune
 it with the project's input pipeline, `Trainer` and `fit` (resumable checkpoints,
 TensorBoard, progress bar, per-epoch evaluation) and the EKG distillation loss from
-the memory bank (mode `ekg`) or cross-entropy (`plain`) -> convert the trained QAT
+the memory bank (mode `ekg`), distillation from the float network itself (`float`) or
+cross-entropy (`plain`) -> convert the trained QAT
 model to full-int8 TFLite (every op int8; ranges from training) -> write the outputs
 (`ekg_tf.qat.job.FILES`), the result last.
 
@@ -77,7 +78,49 @@ def _arrays(x_path, y_path):
     return ArraySplit(np.load(x_path, mmap_mode="r"), np.load(y_path))
 
 
-def train_qat(model, config, job, strategy):
+class FloatTeacher:
+    """The float network's own logits on the training images [N, C, 1], looked up by
+    example index like a memory bank (mode `float`: QAT learns to reproduce the float
+    network under int8 rounding)."""
+
+    def __init__(self, logits):
+        import tensorflow as tf
+        self.num_examples, self.num_classes = logits.shape
+        self.num_teachers = 1
+        self.logits = tf.constant(logits[:, :, None])
+
+    def tf_lookup(self, indices):
+        import tensorflow as tf
+        return tf.gather(self.logits, indices)
+
+
+def float_teacher(float_model, dcfg, train_arrays, indices, cache: str) -> FloatTeacher:
+    """The float network (BN moving statistics, as deployed) on every training image used,
+    without augmentation; kept in `cache` (.npy, named by the float weights' fingerprint)
+    for a resumed run."""
+    import numpy as np
+    import tensorflow as tf
+    from ekg_tf import data
+    from ekg_tf.utils.io import atomic_path
+    from ekg_tf.utils.progress import ProgressBar
+    if os.path.exists(cache):
+        return FloatTeacher(np.load(cache))
+    fn, n = data.input_fn(dcfg, "train", False, 256, with_index=True, shuffle=False,
+                          drop_remainder=False, arrays=train_arrays, indices=indices)
+    logits = np.zeros((len(train_arrays), int(float_model.outputs[0].shape[-1])), np.float32)
+    predict = tf.function(lambda x: float_model(x, training=False), reduce_retracing=True)
+    bar = ProgressBar(-(-n // 256), desc="float teacher", unit="img")
+    for x, _, index in fn(None):
+        logits[index.numpy()] = predict(x).numpy()
+        bar.update(1, items=len(index))
+    bar.close()
+    with atomic_path(cache) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, logits)
+    return FloatTeacher(logits)
+
+
+def train_qat(model, float_model, config, job, strategy):
     """Fine-tunes the QAT `model` (resumable, in `job.out_dir`); returns (FitResult, info)."""
     from ekg_tf import data, train
     from ekg_tf.data.pipeline import steps_per_epoch as count_steps
@@ -94,8 +137,14 @@ def train_qat(model, config, job, strategy):
                    else data.load_arrays(dcfg, "test"))
     n_split = len(train_arrays)
     classes = int(model.outputs[0].shape[-1])
-    teachers = check_bank(job.bank_dir, n_split, classes) if job.mode == "ekg" else None
     indices = train_subset_indices(n_split, int(ft.train_subset), int(cfg.seed))
+    teachers = None
+    if job.mode == "ekg":
+        teachers = check_bank(job.bank_dir, n_split, classes)
+    elif job.mode == "float":
+        teachers = float_teacher(float_model, dcfg, train_arrays, indices,
+                                 os.path.join(job.out_dir, "float_teacher_logits-"
+                                              f"{job.float_fingerprint[:16]}.npy"))
     n_train = n_split if indices is None else len(indices)
     batch = int(ft.batch_size or dcfg.batch_size)
     steps_per_epoch = count_steps(n_train, batch)
@@ -108,7 +157,8 @@ def train_qat(model, config, job, strategy):
     with strategy.scope():
         optimizer = tf_keras_optimizer(optimizer_config(cfg), total_steps)
     loss_fn = (train.cross_entropy_loss if job.mode == "plain" else
-               make_distillation_loss(temperature, ft.teacher_selection))
+               make_distillation_loss(temperature, ft.teacher_selection,
+                                      select=job.mode == "ekg"))
     trainer = train.Trainer(model, optimizer, strategy, batch, float(ft.weight_decay),
                             loss_fn=loss_fn, grad_scale=1.0 / views)
     eval_fn, _ = data.input_fn(dcfg, "test", False, int(dcfg.eval_batch_size),
@@ -231,7 +281,7 @@ def run(job) -> dict:
     strategy = make_strategy(config.strategy)
     with strategy.scope():
         qat = quantize_aware_model(converted)
-    fit_result, info = train_qat(qat, config, job, strategy)
+    fit_result, info = train_qat(qat, float_model, config, job, strategy)
 
     blob = to_tflite(qat)
     with atomic_path(job.path("tflite")) as tmp:
