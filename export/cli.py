@@ -110,6 +110,7 @@ def main(argv):
         int8_io=bool(ecfg.int8_io), int8_calibration=str(ecfg.int8_calibration),
         latency_runs=int(ecfg.latency_runs),
         threads=int(ecfg.threads), dense=dense,
+        prebuilt=_qat_artifact(workdir, slim) if "tflite" in formats else {},
         info={"arch": spec.arch, "subnet": os.path.abspath(subnet_path),
               "weights": os.path.abspath(weights), "fine_tuned": fine_tuned,
               "bn_recalibrated": not fine_tuned, "macs": pruned.macs, "dense_macs": full.macs,
@@ -129,6 +130,26 @@ def main(argv):
                       for a in report["artifacts"]}})
     if report["status"] != "ok":
         sys.exit(1)
+
+
+def _qat_artifact(workdir: str, slim) -> dict:
+    """{"tflite_int8_qat": the ekg-qat TFLite of workdir/qat/} when it was trained from
+    exactly these float weights (else nothing: a stale file is left out, with a note)."""
+    import json
+    from ekg_tf.qat.job import FILES
+    from ekg_tf.qat.pipeline import ARTIFACT, float_fingerprint
+    from export import exporter
+    path = os.path.join(workdir, "qat", FILES["result"])
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        result = json.load(f)
+    if result.get("float_fingerprint") != float_fingerprint(slim):
+        _log(f"[export] {result.get('tflite')} was trained from other float weights: left out "
+             "(re-run ekg-qat)")
+        return {}
+    return {ARTIFACT: exporter.PrebuiltArtifact(
+        result["tflite"], source="ekg-qat: the QAT tf-keras model (fake-quantized)")}
 
 
 def _write_summaries(report: dict, directory: str):
