@@ -129,6 +129,10 @@ def qat_config():
         # Training batches that set the activation ranges before QAT (their mean batch
         # [min, max]); 0: tfmot's own start, [-6, 6] moved by a 0.999 moving average
         calibration_batches=8,
+        # BN keeps the float network's moving statistics (inference mode) during QAT: a
+        # short run from a converged network otherwise replaces them with those of a few
+        # augmented batches, which moved 12.5% of the pruned ResNet-56's test predictions
+        freeze_bn=True,
     ))
 
 

@@ -127,6 +127,8 @@ def test_qat_trains_with_the_memory_bank_and_keeps_the_caller_clean(qat_run):
     assert out["history"] and 0.0 <= out["history"][-1]["top1"] <= 1.0
     assert out["quantized_layers"] >= 10
     assert out["calibrated_ranges"] >= 10 and out["calibration_batches"] == 8
+    # qat.freeze_bn: the 4 BNs kept the float network's moving statistics through training.
+    assert out["frozen_batch_norms"] == 4 and out["frozen_statistics_max_change"] == 0.0
     # The caller's model is untouched and this process never loaded tfmot or tf-keras.
     for a, b in zip(qat_run["before"], qat_run["slim"].get_weights()):
         np.testing.assert_array_equal(a, b)

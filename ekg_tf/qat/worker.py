@@ -120,6 +120,25 @@ def float_teacher(float_model, dcfg, train_arrays, indices, cache: str) -> Float
     return FloatTeacher(logits)
 
 
+def freeze_batch_norm(model) -> list:
+    """Puts every BatchNormalization of the QAT `model` in inference mode for good (a
+    non-trainable tf-keras BN ignores `training=True`: moving statistics, neither updated
+    nor replaced by batch statistics; gamma and beta still train, as with PyTorch's
+    `freeze_bn_stats`). Returns those BN layers."""
+    import tf_keras
+    frozen = []
+    for layer in model.layers:
+        inner = getattr(layer, "layer", layer)  # QuantizeWrapper(V2) holds the layer
+        if isinstance(inner, tf_keras.layers.BatchNormalization):
+            inner.trainable = False
+            frozen.append(inner)
+    return frozen
+
+
+def moving_statistics(bn_layers) -> list:
+    return [v.numpy().copy() for bn in bn_layers for v in (bn.moving_mean, bn.moving_variance)]
+
+
 def train_qat(model, float_model, config, job, strategy):
     """Fine-tunes the QAT `model` (resumable, in `job.out_dir`); returns (FitResult, info)."""
     from ekg_tf import data, train
@@ -281,7 +300,11 @@ def run(job) -> dict:
     strategy = make_strategy(config.strategy)
     with strategy.scope():
         qat = quantize_aware_model(converted)
+    frozen = freeze_batch_norm(qat) if bool(config.qat.get("freeze_bn", True)) else []
+    statistics_before = moving_statistics(frozen)
     fit_result, info = train_qat(qat, float_model, config, job, strategy)
+    moved = max((float(np.abs(a - b).max()) for a, b in
+                 zip(statistics_before, moving_statistics(frozen))), default=0.0)
 
     blob = to_tflite(qat)
     with atomic_path(job.path("tflite")) as tmp:
@@ -299,6 +322,7 @@ def run(job) -> dict:
               "conversion_max_rel_diff": parity, "float_fingerprint": job.float_fingerprint,
               "qat_keras_top1": final.get("top1"), "qat_keras_loss": final.get("loss"),
               "history": fit_result.history, **info,
+              "frozen_batch_norms": len(frozen), "frozen_statistics_max_change": moved,
               "quantized_layers": sum(type(l).__name__.startswith("QuantizeWrapper")
                                       for l in qat.layers),
               "tflite": job.path("tflite"), "tflite_bytes": len(blob),
