@@ -67,9 +67,9 @@ def main():
     from ekg_tf.slimming import fold_batch_norm, slim_model
     from ekg_tf.subnet import SubnetSpec
     from ekg_tf.weights import load_weights
-    from export import onnx_export, tflite, verify
-    from export.exporter import _edge_saved_model
-    from export.subnets import l1_uniform_subnet
+    from ekg_tf.export import onnx_export, tflite, verify
+    from ekg_tf.export.exporter import _edge_saved_model
+    from ekg_tf.export.subnets import l1_uniform_subnet
 
     model = GatedModel(build_model("resnet56", 10))
     load_weights(model, args.weights)

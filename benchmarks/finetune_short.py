@@ -59,7 +59,6 @@ def link_workdir(args, mode):
 def time_steps(args):
     """Median seconds per train step: distillation (2 views) vs plain CE (1 view)."""
     import numpy as np
-    import tensorflow as tf
 
     from ekg_tf import data, train
     from ekg_tf.distribute import make_strategy

@@ -47,9 +47,9 @@ def main():
     from ekg_tf.data import normalize
     from ekg_tf.slimming import fold_batch_norm, recalibrate_batch_norm
     from ekg_tf.subnet import SubnetSpec
-    from export import tflite
-    from export.exporter import _edge_saved_model
-    from export.weights_io import find_weights, load_slim, sample_indices
+    from ekg_tf.export import tflite
+    from ekg_tf.export.exporter import _edge_saved_model
+    from ekg_tf.export.weights_io import find_weights, load_slim, sample_indices
 
     config = reference_cifar_config(args.arch, "cifar10")
     weights, fine_tuned = find_weights(args.workdir, args.weights, "")

@@ -29,7 +29,7 @@ TEST = os.path.join(SHARED, "data", "cifar10", "cifar10_test1000_lossless.npz")
 def run(command: str, args: list) -> dict:
     """Runs one ekg-* CLI (as a module of this checkout); returns its final JSON line."""
     module = {"ekg-train": "ekg_tf.cli.train", "ekg-search": "ekg_tf.cli.search",
-              "ekg-finetune": "ekg_tf.cli.finetune", "ekg-export": "export.cli"}[command]
+              "ekg-finetune": "ekg_tf.cli.finetune", "ekg-export": "ekg_tf.export.cli"}[command]
     print(f"$ {command} {' '.join(args)}", file=sys.stderr, flush=True)
     proc = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, stdout=subprocess.PIPE,
                           env=dict(os.environ, PYTHONPATH=REPO), text=True)
@@ -62,10 +62,10 @@ def main():
                                            "--formats=saved_model,tflite,onnx",
                                            "--quantize=none,float16,dynamic,int8"])
     dense = exported.get("dense_latency_ms") or {}
-    print(f"MobileNetV2 (keras.applications) on CIFAR-10, test top-1 on the 1,000 lossless "
-          f"test images")
-    print(f"| stage | top-1 | MACs | MACs ratio | params ratio |")
-    print(f"|---|---|---|---|---|")
+    print("MobileNetV2 (keras.applications) on CIFAR-10, test top-1 on the 1,000 lossless "
+          "test images")
+    print("| stage | top-1 | MACs | MACs ratio | params ratio |")
+    print("|---|---|---|---|---|")
     print(f"| trained ({args.train_epochs} epochs) | {trained['top1']:.4f} | {trained['macs']:,} "
           f"| 1.000 | 1.000 |")
     print(f"| searched, BN batch stats / re-estimated | {searched['test_top1_bn_train_mode']:.4f}"

@@ -77,9 +77,9 @@ def main():
     import numpy as np
     from ekg_tf.data import normalize
     from ekg_tf.slimming import fold_batch_norm
-    from export import tflite
-    from export.exporter import _edge_saved_model
-    from export.weights_io import sample_indices
+    from ekg_tf.export import tflite
+    from ekg_tf.export.exporter import _edge_saved_model
+    from ekg_tf.export.weights_io import sample_indices
 
     float_model = keras.models.load_model(float_path, compile=False, safe_mode=True)
     with np.load(args.train) as f:

@@ -32,11 +32,46 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.errors import UserError
 from ekg_tf.graph import dependency_graph
 from ekg_tf.graph.gated import GatedModel
 from ekg_tf.subnet import SubnetSpec
 
-__all__ = ["PruneResult", "dependency_graph", "export", "prune", "search", "slim"]
+__all__ = ["PruneResult", "dependency_graph", "export", "prune", "run_export", "run_finetune",
+           "run_pipeline", "run_search", "run_train", "search", "slim"]
+
+
+# ----------------------------------------------------------------------------- from configs
+# The stages of ekg-prune, each the function its own CLI runs (config, workdir) -> result;
+# `run_pipeline` runs them in one durable workdir and writes the run report.
+def run_pipeline(config, workdir, stages=None, overwrite=(), strategy=None, log=None) -> dict:
+    """ekg-prune from Python: see `ekg_tf.pipeline.runner.run_pipeline`."""
+    from ekg_tf.pipeline.runner import run_pipeline as run
+    return run(config, workdir, stages=stages, overwrite=overwrite, strategy=strategy, log=log)
+
+
+def run_train(config, workdir, **kwargs) -> dict:
+    """ekg-train: see `ekg_tf.train.runner.run_train`."""
+    from ekg_tf.train.runner import run_train as run
+    return run(config, workdir, **kwargs)
+
+
+def run_search(config, workdir, **kwargs) -> dict:
+    """ekg-search: see `ekg_tf.subnet_search.pipeline.run_search`."""
+    from ekg_tf.subnet_search.pipeline import run_search as run
+    return run(config, workdir, **kwargs)
+
+
+def run_finetune(config, workdir, **kwargs) -> dict:
+    """ekg-finetune: see `ekg_tf.finetune.runner.run_finetune`."""
+    from ekg_tf.finetune.runner import run_finetune as run
+    return run(config, workdir, **kwargs)
+
+
+def run_export(config, workdir, **kwargs) -> dict:
+    """ekg-export: see `ekg_tf.export.runner.run_export` (returns the export report)."""
+    from ekg_tf.export.runner import run_export as run
+    return run(config, workdir, **kwargs)
 
 
 # ----------------------------------------------------------------------------- data
@@ -47,24 +82,24 @@ def as_arrays(data, what: str, model=None) -> tuple:
         xs, ys = [], []
         for element in data.as_numpy_iterator():
             if not isinstance(element, tuple) or len(element) != 2:
-                raise ValueError(f"{what}: the dataset must yield (images, labels) pairs")
+                raise UserError(f"{what}: the dataset must yield (images, labels) pairs")
             x, y = element
             batched = rank is not None and np.ndim(x) == rank
             xs.append(x if batched else x[None])
             ys.append(np.reshape(y, -1))
         if not xs:
-            raise ValueError(f"{what}: the dataset is empty")
+            raise UserError(f"{what}: the dataset is empty")
         x, y = np.concatenate(xs), np.concatenate(ys)
     elif isinstance(data, (tuple, list)) and len(data) == 2:
         x, y = np.asarray(data[0]), np.asarray(data[1]).reshape(-1)
     else:
-        raise ValueError(f"{what} must be (images, labels) arrays or a tf.data.Dataset of "
+        raise UserError(f"{what} must be (images, labels) arrays or a tf.data.Dataset of "
                          f"(images, labels), got {type(data).__name__}")
     if len(x) != len(y) or len(x) == 0:
-        raise ValueError(f"{what}: {len(x)} images and {len(y)} labels; need the same, "
+        raise UserError(f"{what}: {len(x)} images and {len(y)} labels; need the same, "
                          "non-zero count")
     if model is not None and tuple(x.shape[1:]) != tuple(model.inputs[0].shape[1:]):
-        raise ValueError(f"{what}: images of shape {tuple(x.shape[1:])}, the model takes "
+        raise UserError(f"{what}: images of shape {tuple(x.shape[1:])}, the model takes "
                          f"{tuple(model.inputs[0].shape[1:])}")
     return x.astype(np.float32), y.astype(np.int64)
 
@@ -73,7 +108,7 @@ def _gated(model, strategy) -> GatedModel:
     if isinstance(model, GatedModel):
         return model
     if not isinstance(model, keras.Model):
-        raise ValueError(f"expected a keras.Model, got {type(model).__name__}")
+        raise UserError(f"expected a keras.Model, got {type(model).__name__}")
     if strategy.num_replicas_in_sync > 1 and not _created_in(model, strategy):
         with strategy.scope():  # variables must be the strategy's to train on N replicas
             clone = keras.models.clone_model(model)
@@ -146,7 +181,7 @@ def slim(model, spec: SubnetSpec | None = None) -> keras.Model:
     from ekg_tf.slimming import slim_model
     gated = model if isinstance(model, GatedModel) else GatedModel(model)
     if spec is None and gated is not model:
-        raise ValueError("slim(model) of a plain model needs a spec (ekg_tf.search(...).spec)")
+        raise UserError("slim(model) of a plain model needs a spec (ekg_tf.search(...).spec)")
     return slim_model(gated, spec)
 
 
@@ -211,9 +246,9 @@ def prune(model, train_data, val_data, target_macs: float = 0.45, *, epochs: int
     from ekg_tf.flops import ComplexityCounter
     from ekg_tf.slimming import recalibrate_batch_norm, slim_model
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise UserError(f"mode must be one of {MODES}, got {mode!r}")
     if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
+        raise UserError(f"epochs must be >= 1, got {epochs}")
     start = time.time()
     log = _log(log)
     strategy = strategy or tf.distribute.get_strategy()
@@ -221,7 +256,7 @@ def prune(model, train_data, val_data, target_macs: float = 0.45, *, epochs: int
     tx, ty = as_arrays(train_data, "train_data", gated.base)
     vx, vy = as_arrays(val_data, "val_data", gated.base)
     if len(tx) < batch_size:
-        raise ValueError(f"train_data has {len(tx)} images, fewer than one batch of {batch_size}")
+        raise UserError(f"train_data has {len(tx)} images, fewer than one batch of {batch_size}")
     keras.utils.set_random_seed(seed)
     with _directory(workdir) as root:
         adapt_idx = _adapt_indices(ty) if adapt else None
@@ -301,7 +336,7 @@ def export(model: keras.Model, export_dir: str, formats=("saved_model", "tflite"
     `export_report.json`/`.md`); `report["status"]` is "ok" when every artifact passes.
     """
     from ekg_tf.data.preprocessing import Normalization, normalization_for
-    from export.exporter import ExportRequest, export_all
+    from ekg_tf.export.exporter import ExportRequest, export_all
     if isinstance(normalization, str):
         normalization = normalization_for(normalization)
     normalization = normalization or Normalization((0.0,) * 3, (1.0,) * 3)

@@ -24,8 +24,8 @@ def model_config():
 
 def data_config():
     return ml_collections.ConfigDict(dict(
-        source="npz",           # npz | tfds | folder | synthetic
-        name="cifar10",         # cifar10 | cifar100 | imagenet2012 | synthetic
+        source="npz",           # npz | tfds | folder | digits | synthetic
+        name="cifar10",         # cifar10 | cifar100 | imagenet2012 | digits | synthetic
         num_classes=0,          # 0: from the dataset name
         # "": the dataset's normalisation (a keras.applications model: its own preprocessing);
         # or cifar10 | cifar100 | imagenet | none | keras.applications.<Name>
@@ -38,6 +38,7 @@ def data_config():
         batch_size=128,         # global batch size
         eval_batch_size=256,
         shuffle_buffer=10_000,
+        random_flip=True,       # training augmentation: horizontal flips (off for digits)
         synthetic_train_size=2048,
         synthetic_test_size=512,
         val_per_class=32,       # search validation: last N images of each class (train split)
@@ -138,6 +139,8 @@ def qat_config():
 
 def export_config():
     return ml_collections.ConfigDict(dict(
+        formats="saved_model,tflite,onnx",        # saved_model | tflite | onnx
+        quantize="none,float16,dynamic,int8",     # TFLite modes (none = float32)
         model_name="ekg_model",  # TF Serving model name: <export_dir>/saved_model/<name>/<version>
         version=0,              # 0: next free version number; an existing one is never overwritten
         input_contract="images",  # images (float, normalised) | images_uint8 | image_bytes
@@ -154,10 +157,31 @@ def export_config():
     ))
 
 
+# Batch sizes that must be positive (finetune.batch_size may be 0: data.batch_size).
+POSITIVE_KEYS = ("data.batch_size", "data.eval_batch_size", "search.batch_size",
+                 "search.adapt_batch_size")
+NON_NEGATIVE_KEYS = ("finetune.batch_size",)
+
+
+def check(config):
+    """Refuses values no stage can run with (a UserError naming the key)."""
+    from ekg_tf.errors import UserError
+    for keys, ok, what in ((POSITIVE_KEYS, lambda v: v > 0, "> 0"),
+                           (NON_NEGATIVE_KEYS, lambda v: v >= 0, ">= 0 (0: data.batch_size)")):
+        for key in keys:
+            section, name = key.split(".")
+            if section in config and name in config[section]:
+                value = config[section][name]
+                if not isinstance(value, int) or not ok(value):
+                    raise UserError(f"{key} must be an integer {what}, got {value!r}")
+
+
 def resolve(config):
-    """Fills derived defaults in place: a keras.applications model's inputs are normalised
-    with its own preprocessing unless data.normalization says otherwise."""
+    """Checks `config` and fills derived defaults in place: a keras.applications model's
+    inputs are normalised with its own preprocessing unless data.normalization says
+    otherwise."""
     from ekg_tf.data.preprocessing import APPLICATIONS_PREFIX
+    check(config)
     init = str(config.model.get("init", "") or "")
     if not config.data.get("normalization") and init.startswith(APPLICATIONS_PREFIX):
         config.data.normalization = init

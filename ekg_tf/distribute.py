@@ -6,6 +6,8 @@ import os
 
 import tensorflow as tf
 
+from ekg_tf.errors import UserError
+
 
 def make_strategy(name: str = "mirrored") -> tf.distribute.Strategy:
     """mirrored (all visible GPUs, else the CPU) | one_device | multi_worker.
@@ -14,7 +16,7 @@ def make_strategy(name: str = "mirrored") -> tf.distribute.Strategy:
     """
     if os.environ.get("TF_CONFIG") or name == "multi_worker":
         if not os.environ.get("TF_CONFIG"):
-            raise ValueError("strategy 'multi_worker' needs TF_CONFIG describing the cluster")
+            raise UserError("strategy 'multi_worker' needs TF_CONFIG describing the cluster")
         json.loads(os.environ["TF_CONFIG"])  # a clear JSON error early
         return tf.distribute.MultiWorkerMirroredStrategy()
     gpus = tf.config.list_logical_devices("GPU")
@@ -25,7 +27,7 @@ def make_strategy(name: str = "mirrored") -> tf.distribute.Strategy:
         return tf.distribute.MirroredStrategy([d.name for d in cpus])
     if name == "one_device":
         return tf.distribute.OneDeviceStrategy(gpus[0].name if gpus else "/cpu:0")
-    raise ValueError(f"unknown strategy {name!r}; choose mirrored, one_device or multi_worker")
+    raise UserError(f"unknown strategy {name!r}; choose mirrored, one_device or multi_worker")
 
 
 def use_jit(setting) -> bool:

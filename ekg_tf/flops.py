@@ -23,6 +23,7 @@ from typing import Mapping
 import keras
 import numpy as np
 
+from ekg_tf.errors import UserError
 from ekg_tf.graph import rules as rules_lib
 from ekg_tf.graph.gates import kept_count
 from ekg_tf.graph.rules import IN, OUT
@@ -36,9 +37,6 @@ class Complexity:
     macs: int
     params_with_bn_stats: int
     bn_flops: int
-
-    def ratio_to(self, full: "Complexity") -> dict:
-        return {"params_ratio": self.params / full.params, "macs_ratio": self.macs / full.macs}
 
 
 class _Terms:
@@ -99,7 +97,7 @@ class ComplexityCounter:
                      OUT: width_index(dependency.out_layout(node))}
             for coef, factors in rule.macs_terms(node, _Shapes(graph)):
                 if coef < 0:
-                    raise ValueError(f"{node.name}: the model needs a fixed input size to "
+                    raise UserError(f"{node.name}: the model needs a fixed input size to "
                                      "count its multiply-adds (build it with keras.Input(shape="
                                      "(H, W, C)))")
                 self.macs_terms.add(coef, [roles[f] for f in factors])

@@ -17,6 +17,7 @@ import os
 
 import numpy as np
 
+from ekg_tf.errors import UserError
 from ekg_tf.graph.gates import kept_count
 from ekg_tf.utils.io import atomic_write_text
 
@@ -60,14 +61,14 @@ class SubnetSpec:
         if sorted(names) != sorted(self.groups):
             missing = sorted(set(self.groups) - set(names))[:3]
             extra = sorted(set(names) - set(self.groups))[:3]
-            raise ValueError(
+            raise UserError(
                 f"the sub-network spec (of {self.arch}) does not fit {model.arch_name}: its "
                 f"channel groups differ (spec only: {missing}, model only: {extra}); was it "
                 "written for another model (or by an ekg_tf before 0.2, whose group names "
                 "differ)?")
         for g in model.gate_groups:
             if self.groups[g.name].channels != g.channels:
-                raise ValueError(f"group {g.name!r}: spec has {self.groups[g.name].channels} "
+                raise UserError(f"group {g.name!r}: spec has {self.groups[g.name].channels} "
                                  f"channels, model has {g.channels}")
 
     def apply_to(self, model) -> None:
@@ -98,7 +99,7 @@ class SubnetSpec:
                       for name, g in d["groups"].items()}
             return cls(str(d["arch"]), int(d["num_classes"]), tuple(d["input_shape"]), groups)
         except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"not a sub-network spec ({type(e).__name__}: {e})") from None
+            raise UserError(f"not a sub-network spec ({type(e).__name__}: {e})") from None
 
     def to_json(self, path: str) -> None:
         atomic_write_text(path, json.dumps(self.to_dict(), indent=1))
@@ -106,7 +107,7 @@ class SubnetSpec:
     @classmethod
     def from_json(cls, path: str) -> "SubnetSpec":
         if not os.path.exists(path):
-            raise FileNotFoundError(f"sub-network spec {path!r} does not exist "
+            raise UserError(f"sub-network spec {path!r} does not exist "
                                     "(run ekg-search first)")
         with open(path) as f:
             return cls.from_dict(json.load(f))

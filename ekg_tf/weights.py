@@ -10,6 +10,7 @@ plain containers only; anything else is refused before it is constructed.
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import io
 import os
 import pickle
@@ -19,7 +20,7 @@ import zipfile
 import numpy as np
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError):
     """A weights file that cannot be loaded into the model (says why and what to fix)."""
 
 

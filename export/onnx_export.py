@@ -9,6 +9,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from ekg_tf.errors import UserError
 from ekg_tf.utils.io import atomic_path
 
 
@@ -17,7 +18,7 @@ def convert(model: keras.Model, path: str, opset: int = 17):
     import onnx
     import tf2onnx
     if not 7 <= int(opset) <= 21:
-        raise ValueError(f"export.opset must be an ONNX opset tf2onnx supports (7..21), got {opset}")
+        raise UserError(f"export.opset must be an ONNX opset tf2onnx supports (7..21), got {opset}")
     shape = [None, *(int(d) for d in model.inputs[0].shape[1:])]
     fn = tf.function(lambda images: {"logits": model(images, training=False)})
     proto, _ = tf2onnx.convert.from_function(

@@ -22,6 +22,8 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from ekg_tf.errors import UserError
+
 CONTRACTS = ("images", "images_uint8", "image_bytes")
 OUTPUTS = ("logits", "probabilities", "classes")
 SIGNATURE = "serving_default"
@@ -31,7 +33,7 @@ METADATA_FILE = os.path.join("assets.extra", "ekg_export.json")
 
 def check_contract(contract: str) -> str:
     if contract not in CONTRACTS:
-        raise ValueError(f"unknown export.input_contract {contract!r}; choose one of {CONTRACTS}")
+        raise UserError(f"unknown export.input_contract {contract!r}; choose one of {CONTRACTS}")
     return contract
 
 
@@ -213,7 +215,7 @@ def run_in_fresh_process(version_path: str, inputs, runs: int = 10, workdir=None
     """
     import subprocess
     import sys
-    tmp = tempfile.mkdtemp(dir=workdir)
+    tmp = tempfile.mkdtemp(dir=workdir, prefix=".tmp-")  # removed by a re-run if killed
     try:
         in_path, out_path = os.path.join(tmp, "in.npz"), os.path.join(tmp, "out.npz")
         np.savez(in_path, x=np.asarray(inputs))

@@ -8,6 +8,7 @@ until `ComplexityCounter.macs_ratio <= target`.
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 from ekg_tf.flops import ComplexityCounter
 from ekg_tf.subnet_search.scoring import l1_filter_scores
 from ekg_tf.subnet import SubnetSpec
@@ -29,7 +30,7 @@ def l1_uniform_subnet(model, target_ratio: float, step: float = 0.01,
     section 9); otherwise every group shares the rate.
     """
     if not 0.0 < target_ratio <= 1.0:
-        raise ValueError(f"target MACs ratio must be in (0, 1], got {target_ratio}")
+        raise UserError(f"target MACs ratio must be in (0, 1], got {target_ratio}")
     for name, score in l1_filter_scores(model).items():
         model.gate_group(name).set_rank_from_score(score)
     counter = ComplexityCounter(model.dependency)
@@ -39,7 +40,7 @@ def l1_uniform_subnet(model, target_ratio: float, step: float = 0.01,
     while counter.macs_ratio({n: rate for n in names}) > target_ratio:
         rate = round(rate - step, 10)
         if rate <= 0:
-            raise ValueError(f"no uniform rate reaches MACs ratio {target_ratio}")
+            raise UserError(f"no uniform rate reaches MACs ratio {target_ratio}")
     for g in model.gate_groups:
         g.rate = rate if g.name in names else 1.0
     return SubnetSpec.from_model(model)

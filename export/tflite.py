@@ -13,7 +13,8 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
-from export import int8_calibration
+from ekg_tf.errors import UserError
+from ekg_tf.export import int8_calibration
 
 QUANT_MODES = ("none", "float16", "dynamic", "int8")
 
@@ -26,7 +27,7 @@ def check_modes(modes) -> list[str]:
     modes = [m.strip() for m in modes if m.strip()]
     bad = [m for m in modes if m not in QUANT_MODES]
     if bad:
-        raise ValueError(f"unknown quantization mode(s) {bad}; choose from {QUANT_MODES}")
+        raise UserError(f"unknown quantization mode(s) {bad}; choose from {QUANT_MODES}")
     return modes
 
 
@@ -44,7 +45,7 @@ def convert(saved_model_dir: str, mode: str, representative_images=None,
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
     elif mode == "int8":
         if representative_images is None or len(representative_images) == 0:
-            raise ValueError("int8 quantization needs representative (training) images")
+            raise UserError("int8 quantization needs representative (training) images")
         images = np.asarray(representative_images, np.float32)
 
         def representative():

@@ -12,6 +12,7 @@ from ekg_tf.cli import common
 
 # Where the fine-tuning stage (ekg_tf/finetune/runner.py) leaves its plain Keras
 # models, in order of preference.
+from ekg_tf.errors import UserError
 FINETUNED_CANDIDATES = ("best.keras", "last.keras", "best.weights.h5", "last.weights.h5")
 # The search's adapted gated weights (the ranks of subnet.json were computed on them).
 SEARCH_WEIGHTS = os.path.join("search", "weights.weights.h5")
@@ -25,7 +26,7 @@ def find_weights(workdir: str, flag_value: str | None, init: str) -> tuple[str, 
     """
     if flag_value:
         if not os.path.exists(flag_value) and not os.path.exists(flag_value + ".index"):
-            raise FileNotFoundError(f"--weights {flag_value!r} does not exist")
+            raise UserError(f"--weights {flag_value!r} does not exist")
         return flag_value, os.path.abspath(flag_value).startswith(
             os.path.abspath(os.path.join(workdir, "finetune")))
     for name in FINETUNED_CANDIDATES:
@@ -57,7 +58,7 @@ def load_slim(config, spec, weights: str):
         expected = slim_model(model, spec)
         shapes = [tuple(w.shape) for w in slim.weights]
         if shapes != [tuple(w.shape) for w in expected.weights]:
-            raise ValueError(f"{weights}: the model's shapes do not fit the sub-network spec")
+            raise UserError(f"{weights}: the model's shapes do not fit the sub-network spec")
         return slim, None
     from ekg_tf.weights import WeightsError, load_weights
     if weights.endswith(".weights.h5") and _h5_shapes(weights) == sorted(
@@ -70,7 +71,7 @@ def load_slim(config, spec, weights: str):
     try:
         load_weights(model, weights)
     except WeightsError as e:
-        raise ValueError(str(e)) from None
+        raise UserError(str(e)) from None
     spec.apply_to(model)
     return slim_model(model, spec), model
 

@@ -1,8 +1,9 @@
 """One `Trainer` step of ResNet-20 on a fixed global batch of 16, under any strategy.
 
-The replica-equivalence tests (test_train: 2 logical CPUs; test_multiworker: two
-worker processes) run this in a subprocess and compare with one device running it.
-Not a test module: imported by those tests and by their subprocess scripts.
+The replica-equivalence test of test_train (2 logical CPUs) runs this in a subprocess and
+compares with one device running it (two MultiWorkerMirroredStrategy workers are tested
+on the whole pipeline in test_prune). Not a test module: imported by that test and its
+subprocess script.
 """
 import keras
 import numpy as np

@@ -44,6 +44,35 @@ def test_eval_bad_inputs_are_clear_errors(reference_npz, cifar_test1000, args, m
     assert result["status"] == "error" and message in result["error"]
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--config.data.eval_batch_size=0"], "data.eval_batch_size must be an integer > 0, got 0"),
+    (["--config.data.batch_sze=8"], "unknown config key 'batch_sze' in --config.data.batch_sze; "
+                                    "did you mean 'batch_size'?"),
+])
+def test_bad_config_values_are_clear_errors(args, message):
+    code, result, err = run_cli("ekg_tf.cli.eval", "--config=configs/synthetic.py",
+                                "--config.model.init=unused.npz", *args)
+    assert code == 2 and message in err and "Traceback" not in err, err[-2000:]
+    assert result == {"status": "error", "error": message}
+
+
+def test_only_the_project_error_is_a_one_line_error(capsys):
+    """UserError: one line + exit 2; an internal ValueError/KeyError keeps its traceback."""
+    from ekg_tf.utils.cli import UserError, run_main
+
+    def fails_with(error):
+        def main(argv):
+            raise error
+        return run_main(main)
+
+    with pytest.raises(SystemExit) as stop:
+        fails_with(UserError("set data.train_path"))([])
+    assert stop.value.code == 2 and "error: set data.train_path" in capsys.readouterr().err
+    for internal in (ValueError("bug"), KeyError("bug")):
+        with pytest.raises(type(internal)):
+            fails_with(internal)([])
+
+
 def test_eval_tfds_without_network_explains_alternatives(tmp_path, reference_npz):
     from test_data import _network_available
     if _network_available():
@@ -54,22 +83,3 @@ def test_eval_tfds_without_network_explains_alternatives(tmp_path, reference_npz
         f"--config.data.tfds_data_dir={tmp_path}")
     assert code == 2 and "Traceback" not in err
     assert "--config.data.source=npz" in err and "tfds_manual_dir" in err
-
-
-def test_train_quickstart_runs_and_resumes(tmp_path):
-    args = ["--config=configs/quickstart.py", f"--workdir={tmp_path}",
-            "--config.train.steps=6", "--config.data.synthetic_train_size=256",
-            "--config.data.synthetic_test_size=64", "--config.train.checkpoint_every_steps=3"]
-    code, result, err = run_cli("ekg_tf.cli.train", *args)
-    assert code == 0, err[-2000:]
-    assert result["steps"] == 6 and 0.0 <= result["top1"] <= 1.0
-    assert os.path.exists(tmp_path / "model.weights.h5")
-    assert os.path.exists(tmp_path / "accuracy_per_epoch.png")
-    code, result, err = run_cli("ekg_tf.cli.train", *args[:-1], "--config.train.steps=8")
-    assert code == 0, err[-2000:]
-    assert result["steps"] == 8  # resumed from step 6, not restarted
-    code, evaluated, err = run_cli("ekg_tf.cli.eval", "--config=configs/quickstart.py",
-                                   f"--config.model.init={tmp_path / 'model.weights.h5'}",
-                                   "--config.data.synthetic_test_size=64")
-    assert code == 0, err[-2000:]
-    assert evaluated["top1"] == pytest.approx(result["top1"], abs=1e-6)

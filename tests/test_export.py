@@ -32,10 +32,11 @@ from ekg_tf.models import build_model  # noqa: E402
 from ekg_tf.slimming import (batch_norm_layers, fold_batch_norm, recalibrate_batch_norm,  # noqa: E402
                          slim_model)
 from ekg_tf.subnet import SubnetSpec  # noqa: E402
-from export import saved_model as sm, tflite  # noqa: E402
-from export.exporter import ExportRequest, export_all, resolve_version  # noqa: E402
-from export.onnx_export import OnnxRunner  # noqa: E402
-from export.weights_io import load_slim  # noqa: E402
+from ekg_tf.errors import UserError  # noqa: E402
+from ekg_tf.export import saved_model as sm, tflite  # noqa: E402
+from ekg_tf.export.exporter import ExportRequest, export_all, resolve_version  # noqa: E402
+from ekg_tf.export.onnx_export import OnnxRunner  # noqa: E402
+from ekg_tf.export.weights_io import load_slim  # noqa: E402
 
 CIFAR = dict(normalization=normalization_for("cifar10"))
 FLOAT_REL_TOL = 1e-4
@@ -109,6 +110,19 @@ def test_r20_chain_parity(r20):
         assert os.path.exists(os.path.join(r20["export_dir"], name))
 
 
+def test_import_and_full_export_do_not_load_tfmot(r20):
+    """ekg_tf imports tfmot / tf-keras only in the QAT worker process (tfmot sets
+    TF_USE_LEGACY_KERAS=1, which would switch this process's tf.keras to Keras 2): after
+    `import ekg_tf`, the QAT caller side and the full r20 export, neither is loaded."""
+    import sys
+    import ekg_tf.export.runner, ekg_tf.pipeline.stages, ekg_tf.qat.pipeline  # noqa: F401
+    assert r20["report"]["status"] == "ok"
+    assert {"saved_model", "tflite_float32", "onnx"} <= set(by_name(r20["report"]))
+    assert [m for m in sys.modules if m.split(".")[0] in
+            ("tensorflow_model_optimization", "tf_keras")] == []
+    assert "TF_USE_LEGACY_KERAS" not in os.environ
+
+
 def test_r20_serving_signature_and_warmup(r20):
     path = by_name(r20["report"])["saved_model"]["path"]
     assert path.endswith(os.path.join("saved_model", "ekg_model", "1"))
@@ -139,7 +153,7 @@ def test_r20_uint8_contract_bumps_version(r20):
               for d, _, fs in os.walk(v1) for f in fs}
     slim = slim_model(r20["model"], r20["spec"])
     slim.get_layer("fc").bias.assign(slim.get_layer("fc").bias.numpy() + 1.0)  # different model
-    with pytest.raises(FileExistsError, match="different model as version 1"):
+    with pytest.raises(UserError, match="different model as version 1"):
         export_all(ExportRequest(slim=slim, export_dir=r20["export_dir"], **CIFAR,
                                  verify_uint8=r20["data"].x[:16], verify_labels=None,
                                  formats=("saved_model",), version=1,
@@ -166,7 +180,7 @@ def test_version_policy_unit(tmp_path):
     assert resolve_version(str(tmp_path), "m", 0, "xyz") == 4
     assert resolve_version(str(tmp_path), "m", 3, "abc") == 3  # same model: may re-export
     assert resolve_version(str(tmp_path), "m", 5, "xyz") == 5
-    with pytest.raises(FileExistsError, match="refusing to overwrite"):
+    with pytest.raises(UserError, match="refusing to overwrite"):
         resolve_version(str(tmp_path), "m", 3, "xyz")
 
 
@@ -254,7 +268,7 @@ def test_r56_quantized_tflite(r56, tmp_path):
     # network (83% top-1); on the full-cost search 0.985-0.990 vs 0.980-0.987, and
     # 0.991-0.993 vs 0.982-0.983 after a short fine-tuning (89.5%; docs/export.md).
     # Both keep the float accuracy (within 0.7 points).
-    from export.exporter import _edge_saved_model
+    from ekg_tf.export.exporter import _edge_saved_model
     edge = _edge_saved_model(fold_batch_norm(r56["slim"]), str(tmp_path / "edge"))
     path = str(tmp_path / "minmax_int8.tflite")
     with open(path, "wb") as f:
@@ -268,7 +282,7 @@ def test_r56_quantized_tflite(r56, tmp_path):
 
 def test_r56_dense_int8_agreement(r56, tmp_path):
     """Full-int8 TFLite of the published ResNet-56 agrees with Keras on >= 98% of the images."""
-    from export.exporter import _edge_saved_model
+    from ekg_tf.export.exporter import _edge_saved_model
     folded = fold_batch_norm(r56["dense"])
     edge = _edge_saved_model(folded, str(tmp_path / "edge"))
     path = str(tmp_path / "dense_int8.tflite")

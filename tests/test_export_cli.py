@@ -13,13 +13,13 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-QUICKSTART = os.path.join(REPO, "configs", "quickstart.py")
+QUICKSTART = os.path.join(REPO, "configs", "synthetic.py")
 
 
 def cli(workdir, *args):
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                TF_CPP_MIN_LOG_LEVEL="2")
-    return subprocess.Popen([sys.executable, "-m", "export.cli", f"--config={QUICKSTART}",
+    return subprocess.Popen([sys.executable, "-m", "ekg_tf.export.cli", f"--config={QUICKSTART}",
                              f"--workdir={workdir}", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
 

@@ -13,14 +13,15 @@ from ekg_tf.graph.gated import GatedModel  # noqa: E402
 from ekg_tf.models import build_model  # noqa: E402
 from ekg_tf.slimming import slim_model  # noqa: E402
 from ekg_tf.subnet import SubnetSpec  # noqa: E402
-from export.weights_io import find_weights, load_slim  # noqa: E402
+from ekg_tf.errors import UserError  # noqa: E402
+from ekg_tf.export.weights_io import find_weights, load_slim  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     sys.path.insert(0, os.path.join(REPO, "configs"))
-    import quickstart
-    config = quickstart.get_config()
+    import synthetic
+    config = synthetic.get_config()
     wd = tmp_path_factory.mktemp("weights_wd")
     model = GatedModel(build_model("resnet20", 10))
     rng = np.random.default_rng(0)
@@ -59,7 +60,7 @@ def test_slim_weights_and_keras_files_are_loaded_as_is(setup):
 
 
 def test_find_weights(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         find_weights(str(tmp_path), str(tmp_path / "nope.npz"), "")
     assert find_weights(str(tmp_path), None, "init.npz") == ("init.npz", False)
     os.makedirs(tmp_path / "search")

@@ -25,7 +25,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from configs.quickstart import get_config  # noqa: E402
+from configs.synthetic import get_config  # noqa: E402
 from ekg_tf import data  # noqa: E402
 from ekg_tf.finetune import runner  # noqa: E402
 from ekg_tf.graph.gated import GatedModel  # noqa: E402

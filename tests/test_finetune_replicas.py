@@ -34,7 +34,7 @@ def main(out_dir):
     import keras
     import tensorflow as tf
 
-    from configs.quickstart import get_config
+    from configs.synthetic import get_config
     from ekg_tf import data
     from ekg_tf.data import synthetic_split
     from ekg_tf.finetune import distill, runner

@@ -67,7 +67,7 @@ def test_tf_keras_conversion_equals_keras3_network():
 @pytest.fixture(scope="module")
 def qat_run(tmp_path_factory):
     """QAT of the depthwise network with the EKG loss from a real memory bank (the writer
-    of the search: two teachers, the full network and a sub-network), 6 steps."""
+    of the search: two teachers, the full network and a sub-network), 3 steps."""
     import qat_models
     from ekg_tf.qat import quantize_aware
     from ekg_tf.subnet import SubnetSpec
@@ -85,9 +85,9 @@ def qat_run(tmp_path_factory):
     build_memory_bank(gated, teachers, [(x[i:i + 64], y[i:i + 64], np.arange(i, i + 64))
                                         for i in range(0, 192, 64)], 192, bank)
     before = slim.get_weights()
-    result = quantize_aware(slim, (x, y), (vx, vy), str(workdir), steps=6, batch_size=32,
-                            learning_rate=1e-4, memory_bank=bank, latency_runs=2,
-                            int8_calibration="minmax")
+    result = quantize_aware(slim, (x, y), (vx, vy), str(workdir), steps=3, batch_size=32,
+                            learning_rate=1e-4, memory_bank=bank, latency_runs=1,
+                            calibration_batches=2, int8_calibration="minmax")
     return dict(result=result, slim=slim, before=before, vx=vx, workdir=workdir)
 
 
@@ -122,11 +122,11 @@ def test_qat_int8_tflite_is_verified_beside_post_training_int8(qat_run):
 def test_qat_trains_with_the_memory_bank_and_keeps_the_caller_clean(qat_run):
     out = qat_run["result"].result
     assert out["mode"] == "ekg" and out["teachers"] == 2 and out["views"] == 2
-    assert out["steps"] == 6 and out["status"] == "done"
+    assert out["steps"] == 3 and out["status"] == "done"
     assert out["conversion_max_rel_diff"] <= CONVERSION_REL_TOL
     assert out["history"] and 0.0 <= out["history"][-1]["top1"] <= 1.0
     assert out["quantized_layers"] >= 10
-    assert out["calibrated_ranges"] >= 10 and out["calibration_batches"] == 8
+    assert out["calibrated_ranges"] >= 10 and out["calibration_batches"] == 2
     # qat.freeze_bn: the 4 BNs kept the float network's moving statistics through training.
     assert out["frozen_batch_norms"] == 4 and out["frozen_statistics_max_change"] == 0.0
     # The caller's model is untouched and this process never loaded tfmot or tf-keras.
@@ -137,32 +137,9 @@ def test_qat_trains_with_the_memory_bank_and_keeps_the_caller_clean(qat_run):
 
 
 # ----------------------------------------------------------------------------- isolation
-ISOLATION = r"""
-import json, os, sys
-import numpy as np
-import ekg_tf
-import ekg_tf.api, ekg_tf.qat, ekg_tf.qat.pipeline, ekg_tf.qat.job, ekg_tf.cli.qat, export.exporter
-import keras
-inputs = keras.Input((16, 16, 3))
-x = keras.layers.ReLU()(keras.layers.BatchNormalization()(keras.layers.Conv2D(8, 3)(inputs)))
-model = keras.Model(inputs, keras.layers.Dense(4)(keras.layers.GlobalAveragePooling2D()(x)))
-rng = np.random.default_rng(0)
-data = (rng.normal(size=(32, 16, 16, 3)).astype("float32"), rng.integers(0, 4, 32))
-report = ekg_tf.export(model, sys.argv[1], formats=("saved_model", "tflite", "onnx"),
-                       quantize=("none", "int8"), data=data, latency_runs=1)
-loaded = sorted(m for m in sys.modules
-                if m.split(".")[0] in ("tensorflow_model_optimization", "tf_keras"))
-print(json.dumps({"status": report["status"], "loaded": loaded,
-                  "artifacts": [a["name"] for a in report["artifacts"]],
-                  "legacy": os.environ.get("TF_USE_LEGACY_KERAS")}))
-"""
-
-
-def test_import_and_full_export_do_not_load_tfmot(tmp_path):
-    out = run_script(ISOLATION, str(tmp_path))
-    assert out["status"] == "ok"
-    assert {"saved_model", "tflite_float32", "tflite_int8", "onnx"} <= set(out["artifacts"])
-    assert out["loaded"] == [] and out["legacy"] is None
+# `import ekg_tf` and a full export (SavedModel, TFLite, ONNX) never load tfmot or tf-keras:
+# test_export.py::test_import_and_full_export_do_not_load_tfmot (after its full export,
+# in that process; this file's tests load them only in subprocesses, and check it above).
 
 
 # ----------------------------------------------------------------------------- bad inputs
@@ -181,16 +158,27 @@ def _config(**qat):
 ])
 def test_bad_qat_inputs_are_clear_errors(tmp_path, qat, message):
     from ekg_tf.qat.pipeline import run_qat
-    from ekg_tf.utils.cli import UserError
+    from ekg_tf.errors import UserError
     with pytest.raises(UserError, match=message):
         run_qat(_config(**qat), str(tmp_path), log=lambda msg: None)
 
 
+def test_ekg_prune_qat_stage_is_optional_and_runs_run_qat(tmp_path):
+    from ekg_tf.errors import UserError
+    from ekg_tf.pipeline.runner import parse_stages, run_pipeline
+    config = _config(epochs=0)
+    assert "qat" not in parse_stages(None, config)  # only when named
+    assert parse_stages("export,qat,finetune", config) == ["finetune", "qat", "export"]
+    with pytest.raises(UserError, match="qat.epochs is 0"):
+        run_pipeline(config, str(tmp_path), stages="qat", log=lambda msg: None)
+
+
 def test_quantize_aware_refuses_zero_epochs(tmp_path):
     import qat_models
+    from ekg_tf.errors import UserError
     from ekg_tf.qat import quantize_aware
     x = qat_models.images(8)
-    with pytest.raises(ValueError, match="epochs is 0"):
+    with pytest.raises(UserError, match="epochs is 0"):
         quantize_aware(qat_models.depthwise_model(), (x, np.zeros(8)), (x, np.zeros(8)),
                        str(tmp_path), epochs=0)
 

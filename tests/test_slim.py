@@ -19,7 +19,6 @@ SHARED = os.path.join(os.path.dirname(REPO), "shared")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
-import tensorflow as tf  # noqa: E402
 
 from ekg_tf.data import normalize  # noqa: E402
 from ekg_tf.flops import ComplexityCounter  # noqa: E402
@@ -28,7 +27,7 @@ from ekg_tf.models import build_model  # noqa: E402
 from ekg_tf.slimming import (batch_norm_layers, fold_batch_norm, recalibrate_batch_norm,  # noqa: E402
                          slim_model)
 from ekg_tf.subnet import SubnetSpec  # noqa: E402
-from export.subnets import l1_uniform_subnet  # noqa: E402
+from ekg_tf.export.subnets import l1_uniform_subnet  # noqa: E402
 
 ALLOWED = {"InputLayer", "Conv2D", "BatchNormalization", "ReLU", "Add", "MaxPooling2D",
            "GlobalAveragePooling2D", "Dense"}

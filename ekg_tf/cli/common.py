@@ -64,7 +64,27 @@ def build_model_from_config(config, strategy=None, load_init: bool = True,
         return build()
 
 
+def parse_flags(argv):
+    """absl's flag parsing, except that an unknown config key (`--config.a.typo=1`, which
+    ml_collections reports as an AttributeError deep in the parser) is one clear line."""
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError) as e:
+        import re
+        text = str(e)
+        found = re.search(r"[A-Za-z_]\w*", text)
+        missing = found.group(0) if found else text
+        overrides = [a.split("=", 1)[0] for a in argv[1:] if a.startswith("--config.")]
+        bad = [a for a in overrides if missing in a[len("--config."):].split(".")]
+        suggestion = re.search(r'Did you mean "([^"]+)"', text)
+        message = (f"unknown config key {missing!r} in {(bad or overrides or ['--config'])[0]}"
+                   + (f"; did you mean {suggestion.group(1)!r}?" if suggestion else ""))
+        print(f"error: {message}", file=sys.stderr)
+        print_result({"status": "error", "error": message})
+        sys.exit(2)
+
+
 def run_app(main_fn):
-    # absl prints usage + a traceback for flag errors; keep its behaviour for flags and
-    # turn library errors about the user's input into one clear line.
-    app.run(run_main(main_fn), argv=sys.argv)
+    # absl prints usage for malformed flags; an unknown config key and library errors
+    # about the user's input become one clear line.
+    app.run(run_main(main_fn), argv=sys.argv, flags_parser=parse_flags)

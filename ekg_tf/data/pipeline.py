@@ -37,7 +37,8 @@ def preprocess_fn(data_cfg, training: bool, views: int = 1, jitter: bool = False
             image = (preprocessing.imagenet_train_preprocess(image, aug_seed, size) if training
                      else preprocessing.imagenet_eval_preprocess(image, size))
         elif training:
-            image = preprocessing.cifar_augment(image, aug_seed)
+            image = preprocessing.cifar_augment(image, aug_seed,
+                                                flip=bool(data_cfg.get("random_flip", True)))
         if jitter:
             image = preprocessing.color_jitter(image, jitter_seed)
         return preprocessing.normalize(image, norm_name)
@@ -128,7 +129,3 @@ def steps_per_epoch(num_examples: int, global_batch_size: int, drop_remainder: b
     if drop_remainder:
         return num_examples // global_batch_size
     return -(-num_examples // global_batch_size)
-
-
-def distributed_dataset(strategy, dataset_fn):
-    return strategy.distribute_datasets_from_function(dataset_fn)

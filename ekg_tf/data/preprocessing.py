@@ -15,12 +15,16 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.errors import UserError
+
 NORMALIZATION = {
     "cifar10": ((113.9, 123.0, 125.3), (66.7, 62.1, 63.0)),
     "cifar100": ((112.0, 124.0, 129.0), (70.0, 65.0, 68.0)),
     "imagenet": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
     "imagenet2012": ((123.675, 116.28, 103.53), (58.395, 57.12, 57.375)),
-    # Generated images of the quickstart / tests share CIFAR's statistics.
+    # scikit-learn's digits (0..255 greyscale on 3 channels), training-split statistics.
+    "digits": ((77.9, 77.9, 77.9), (82.5, 82.5, 82.5)),
+    # Generated images of the tests share CIFAR's statistics.
     "synthetic": ((113.9, 123.0, 125.3), (66.7, 62.1, 63.0)),
 }
 
@@ -59,7 +63,7 @@ def application_normalization(name: str) -> Normalization:
     if callable(target) and not hasattr(target, "preprocess_input"):  # a model constructor
         target = getattr(keras.applications, target.__module__.rsplit(".", 1)[-1], None)
     if target is None or not hasattr(target, "preprocess_input"):
-        raise ValueError(f"no preprocessing known for {name!r}: keras.applications has no "
+        raise UserError(f"no preprocessing known for {name!r}: keras.applications has no "
                          f"model or module {attr!r} with a preprocess_input")
     probe = np.zeros((4, 1, 1, 3), np.float32)
     for c in range(3):
@@ -69,7 +73,7 @@ def application_normalization(name: str) -> Normalization:
     order = np.argmax(np.abs(moves), axis=1)
     bgr = order.tolist() == [2, 1, 0]
     if not (bgr or order.tolist() == [0, 1, 2]):
-        raise ValueError(f"{name}: preprocess_input is not a per-channel affine map")
+        raise UserError(f"{name}: preprocess_input is not a per-channel affine map")
     std = 100.0 / np.array([moves[order.tolist().index(j), j] for j in range(3)])
     mean = -base * std
     # preprocess_input computes in float32: round off its rounding (127.4999979 -> 127.5)
@@ -87,7 +91,7 @@ def normalization_for(name: str) -> Normalization:
     try:
         mean, std = NORMALIZATION[name]
     except KeyError:
-        raise ValueError(f"no normalisation known for {name!r}; known: {sorted(NORMALIZATION)}"
+        raise UserError(f"no normalisation known for {name!r}; known: {sorted(NORMALIZATION)}"
                          f", 'none', or '{APPLICATIONS_PREFIX}<Model>'") from None
     return Normalization(tuple(float(m) for m in mean), tuple(float(s) for s in std))
 
@@ -97,10 +101,12 @@ def normalize(images, name: str):
     return normalization_for(name)(images)
 
 
-def cifar_augment(image, seed):
-    """Random flip + random crop of the 4-pixel reflect-padded image (stateless, `seed` [2])."""
+def cifar_augment(image, seed, flip: bool = True):
+    """Random flip (unless `flip` is off: digits are not mirror-symmetric) + random crop of
+    the 4-pixel reflect-padded image (stateless, `seed` [2])."""
     seeds = tf.random.experimental.stateless_split(seed, 2)
-    image = tf.image.stateless_random_flip_left_right(image, seeds[0])
+    if flip:
+        image = tf.image.stateless_random_flip_left_right(image, seeds[0])
     padded = tf.pad(image, [[4, 4], [4, 4], [0, 0]], mode="REFLECT")
     return tf.image.stateless_random_crop(padded, tf.shape(image), seeds[1])
 

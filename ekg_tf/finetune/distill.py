@@ -23,6 +23,7 @@ the whole batch (`selection="replica"` keeps the reference's per-replica sums).
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import tensorflow as tf
 
 SELECTIONS = ("global", "replica")
@@ -76,7 +77,7 @@ def ekg_loss(student, labels, teachers, temperature: float, global_batch_size: i
     `select=False` uses teacher 0 alone as the target (classic KD with one teacher).
     """
     if selection not in SELECTIONS:
-        raise ValueError(f"unknown teacher selection {selection!r}; choose one of {SELECTIONS}")
+        raise UserError(f"unknown teacher selection {selection!r}; choose one of {SELECTIONS}")
     student = tf.cast(student, tf.float32)
     labels = tf.cast(labels, tf.int32)
     num_teachers = teachers.shape[-1]
@@ -107,9 +108,9 @@ def student_logits(model, images):
 def make_distillation_loss(temperature: float, selection: str = "global", select: bool = True):
     """A `Trainer` loss_fn for batches (images [B,V,...], labels, index, teachers [B,C,T])."""
     if temperature <= 0:
-        raise ValueError(f"the distillation temperature must be > 0, got {temperature}")
+        raise UserError(f"the distillation temperature must be > 0, got {temperature}")
     if selection not in SELECTIONS:
-        raise ValueError(f"unknown finetune.teacher_selection {selection!r}; "
+        raise UserError(f"unknown finetune.teacher_selection {selection!r}; "
                          f"choose one of {SELECTIONS}")
 
     def loss_fn(model, batch, global_batch_size):

@@ -29,10 +29,10 @@ Under several replicas the slim model's BN layers are synchronised
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import sys
-import time
 
 import numpy as np
 import tensorflow as tf
@@ -290,6 +290,121 @@ def recalibration_images(config, count: int, arrays=None, indices=None) -> np.nd
 
 
 # ------------------------------------------------------------------------------ the job
+@dataclasses.dataclass
+class Inputs:
+    """The training data of a fine-tuning, checked against the workdir's search outputs."""
+    train_arrays: object      # in-memory training split (None: streaming)
+    test_arrays: object
+    indices: object           # finetune.train_subset indices or None
+    num_examples: int         # the whole training split (the memory bank's rows)
+
+
+@dataclasses.dataclass
+class Plan:
+    batch: int
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int
+    num_images: int
+
+
+def check_inputs(config, workdir) -> Inputs:
+    """Cheap checks first: missing search outputs or a bank of other data fail in seconds."""
+    ft, dcfg = config.finetune, config.data
+    spec_path = search_paths(workdir)["spec"]
+    if not os.path.exists(spec_path):
+        raise UserError(f"no sub-network found: {spec_path} does not exist. Run ekg-search "
+                        f"first (ekg-search --config=... --workdir={workdir}), which writes it.")
+    streaming = dcfg.source == "tfds" and dcfg.name.startswith("imagenet")
+    if ft.train_subset and streaming:
+        raise UserError("finetune.train_subset needs an in-memory training split "
+                        "(not the streaming ImageNet source)")
+    train_arrays = None if streaming else data.load_arrays(dcfg, "train")
+    _, n_split = data.input_fn(dcfg, "train", False, 1, arrays=train_arrays)
+    if ft.mode == "ekg":
+        check_bank(search_paths(workdir)["bank"], n_split, data.num_classes_for(dcfg))
+    test_arrays = None if dcfg.source == "tfds" else data.load_arrays(dcfg, "test")
+    indices = train_subset_indices(n_split, int(ft.train_subset), int(config.seed))
+    return Inputs(train_arrays, test_arrays, indices, n_split)
+
+
+def plan(config, inputs: Inputs, strategy) -> Plan:
+    """Global batch, steps per epoch and in all (finetune.steps or finetune.epochs)."""
+    ft = config.finetune
+    batch = int(ft.batch_size or config.data.batch_size)
+    if batch % strategy.num_replicas_in_sync:
+        raise UserError(f"the global batch {batch} does not split over "
+                        f"{strategy.num_replicas_in_sync} replicas")
+    n_train = inputs.num_examples if inputs.indices is None else len(inputs.indices)
+    steps_per_epoch = count_steps(n_train, batch)
+    if steps_per_epoch == 0:
+        raise UserError(f"{n_train} training images are fewer than one batch of {batch}")
+    total_steps = int(ft.steps) or int(ft.epochs) * steps_per_epoch
+    return Plan(batch, steps_per_epoch, total_steps, -(-total_steps // steps_per_epoch), n_train)
+
+
+def before_finetuning(config, model, inputs: Inputs, out_dir, evaluate, log) -> dict:
+    """Epoch 0: the slimmed network with re-estimated BN statistics (the stored ones no longer
+    fit: spec section 9). Training starts from these statistics; a resumed run reads them."""
+    ft = config.finetune
+    before_path = os.path.join(out_dir, "before.json")
+    resuming = tf.train.latest_checkpoint(os.path.join(out_dir, "checkpoints")) is not None
+    if resuming and os.path.exists(before_path):
+        with open(before_path) as f:
+            return json.load(f)
+    count = int(ft.bn_recalibration_images)
+    if count > 0:
+        images = recalibration_images(config, count, inputs.train_arrays, inputs.indices)
+        with plain_batch_norm(model):  # one device, plain batch statistics
+            recalibrate_batch_norm(model, images, batch_size=int(config.data.eval_batch_size))
+    before = evaluate()
+    before.update(bn_recalibration_images=count, step=0, epoch=0.0)
+    atomic_write_json(before_path, before)
+    log(f"slimmed network before fine-tuning (BN re-estimated on {count} training "
+        f"images): test top-1 {before['top1']:.4f}")
+    return before
+
+
+def make_trainer(config, model, strategy, batch: int, total_steps: int, log):
+    """The Trainer of finetune.mode's loss (distillation views: gradients averaged)."""
+    ft = config.finetune
+    mode = ft.mode
+    with strategy.scope():
+        optimizer = train.make_optimizer(optimizer_config(config), total_steps)
+    views = 1 if mode == "plain" else int(ft.views)
+    loss_fn = (train.cross_entropy_loss if mode == "plain" else
+               make_distillation_loss(resolve_temperature(config), ft.teacher_selection,
+                                      select=mode == "ekg"))
+    jit = use_jit(config.train.jit_compile)
+    cross_replica = strategy.num_replicas_in_sync > 1 and (
+        bool(config.model.sync_bn) or (mode == "ekg" and ft.teacher_selection == "global"))
+    if jit and cross_replica:
+        # An all-reduce (global teacher selection, synchronised BN) cannot run inside the
+        # XLA-compiled replica function (TF refuses merge_call there): train uncompiled.
+        log("train.jit_compile ignored: cross-replica sums inside the step need an "
+            "uncompiled replica function (set model.sync_bn=False and "
+            "finetune.teacher_selection=replica to compile)")
+        jit = False
+    return train.Trainer(model, optimizer, strategy, batch, float(ft.weight_decay),
+                         loss_fn=loss_fn, grad_scale=1.0 / views, jit_compile=jit), views
+
+
+def save_models(model, out_dir) -> tuple:
+    """last.keras, and best.keras from the best checkpoint; returns (last, best or None)."""
+    last_path = os.path.join(out_dir, "last.keras")
+    best_path = os.path.join(out_dir, "best.keras")
+    save_keras(model, last_path)
+    best_ckpt = tf.train.latest_checkpoint(os.path.join(out_dir, "checkpoints", "best"))
+    if best_ckpt:
+        # A plain (not distributed) copy: creating variables in the strategy's scope is a
+        # collective under MultiWorkerMirroredStrategy, and only the chief keeps a best
+        # checkpoint in the workdir (the other workers' are in their scratch folders).
+        best_model = keras.models.clone_model(model)
+        tf.train.Checkpoint(model=best_model).restore(best_ckpt).expect_partial()
+        save_keras(best_model, best_path)
+    return last_path, best_path if best_ckpt else None
+
+
 def run_finetune(config, workdir: str, log=None, stop_at_step: int | None = None,
                  strategy=None) -> dict:
     """Runs (or resumes) the fine-tuning of `workdir/search/subnet.json`; returns the result."""
@@ -304,86 +419,28 @@ def run_finetune(config, workdir: str, log=None, stop_at_step: int | None = None
     mode = ft.mode
     temperature = resolve_temperature(config)
 
-    # Cheap checks first: missing search outputs or a bank of other data fail in seconds.
-    spec_path = search_paths(workdir)["spec"]
-    if not os.path.exists(spec_path):
-        raise UserError(f"no sub-network found: {spec_path} does not exist. Run ekg-search "
-                        f"first (ekg-search --config=... --workdir={workdir}), which writes it.")
-    streaming = dcfg.source == "tfds" and dcfg.name.startswith("imagenet")
-    if ft.train_subset and streaming:
-        raise UserError("finetune.train_subset needs an in-memory training split "
-                        "(not the streaming ImageNet source)")
-    train_arrays = None if streaming else data.load_arrays(dcfg, "train")
-    _, n_split = data.input_fn(dcfg, "train", False, 1, arrays=train_arrays)
-    if mode == "ekg":
-        check_bank(search_paths(workdir)["bank"], n_split, data.num_classes_for(dcfg))
-    test_arrays = None if dcfg.source == "tfds" else data.load_arrays(dcfg, "test")
-    indices = train_subset_indices(n_split, int(ft.train_subset), int(config.seed))
+    inputs = check_inputs(config, workdir)
     gated, spec, weights_source = load_gated(config, workdir)
-    teachers = open_teachers(config, workdir, gated, spec, n_split, train_arrays, log)
-
-    batch = int(ft.batch_size or dcfg.batch_size)
-    if batch % strategy.num_replicas_in_sync:
-        raise UserError(f"the global batch {batch} does not split over "
-                        f"{strategy.num_replicas_in_sync} replicas")
-    n_train = n_split if indices is None else len(indices)
-    steps_per_epoch = count_steps(n_train, batch)
-    if steps_per_epoch == 0:
-        raise UserError(f"{n_train} training images are fewer than one batch of {batch}")
-    total_steps = int(ft.steps) or int(ft.epochs) * steps_per_epoch
-    epochs = -(-total_steps // steps_per_epoch)
-
+    teachers = open_teachers(config, workdir, gated, spec, inputs.num_examples,
+                             inputs.train_arrays, log)
+    steps = plan(config, inputs, strategy)
     model = build_slim(gated, spec, strategy, bool(config.model.sync_bn))
     complexity = flops.count_complexity(gated, spec.rates)
     full = flops.count_complexity(gated, {name: 1.0 for name in spec.groups})
 
     eval_fn, n_test = data.input_fn(dcfg, "test", False, int(dcfg.eval_batch_size),
-                                    arrays=test_arrays)
+                                    arrays=inputs.test_arrays)
     eval_step = train.make_eval_step(model, strategy, "inference")
 
     def evaluate():
         return train.evaluate(model, strategy, eval_fn, eval_step=eval_step)
 
-    # Epoch 0: the slimmed network with re-estimated BN statistics (the stored ones no longer
-    # fit: spec section 9). Training starts from these statistics.
-    before_path = os.path.join(out_dir, "before.json")
-    resuming = tf.train.latest_checkpoint(os.path.join(out_dir, "checkpoints")) is not None
-    if resuming and os.path.exists(before_path):
-        with open(before_path) as f:
-            before = json.load(f)
-    else:
-        count = int(ft.bn_recalibration_images)
-        if count > 0:
-            images = recalibration_images(config, count, train_arrays, indices)
-            with plain_batch_norm(model):  # one device, plain batch statistics
-                recalibrate_batch_norm(model, images, batch_size=int(dcfg.eval_batch_size))
-        before = evaluate()
-        before.update(bn_recalibration_images=count, step=0, epoch=0.0)
-        atomic_write_json(before_path, before)
-        log(f"slimmed network before fine-tuning (BN re-estimated on {count} training "
-            f"images): test top-1 {before['top1']:.4f}")
-
-    with strategy.scope():
-        optimizer = train.make_optimizer(optimizer_config(config), total_steps)
-    views = 1 if mode == "plain" else int(ft.views)
-    loss_fn = (train.cross_entropy_loss if mode == "plain" else
-               make_distillation_loss(temperature, ft.teacher_selection, select=mode == "ekg"))
-    jit = use_jit(config.train.jit_compile)
-    cross_replica = strategy.num_replicas_in_sync > 1 and (
-        bool(config.model.sync_bn) or (mode == "ekg" and ft.teacher_selection == "global"))
-    if jit and cross_replica:
-        # An all-reduce (global teacher selection, synchronised BN) cannot run inside the
-        # XLA-compiled replica function (TF refuses merge_call there): train uncompiled.
-        log("train.jit_compile ignored: cross-replica sums inside the step need an "
-            "uncompiled replica function (set model.sync_bn=False and "
-            "finetune.teacher_selection=replica to compile)")
-        jit = False
-    trainer = train.Trainer(model, optimizer, strategy, batch, float(ft.weight_decay),
-                            loss_fn=loss_fn, grad_scale=1.0 / views, jit_compile=jit)
+    before = before_finetuning(config, model, inputs, out_dir, evaluate, log)
+    trainer, views = make_trainer(config, model, strategy, steps.batch, steps.total_steps, log)
 
     def make_train_input(start_epoch, skip):
-        fn, _ = train_input_fn(config, mode, teachers, batch, epochs, start_epoch, skip,
-                               arrays=train_arrays, indices=indices)
+        fn, _ = train_input_fn(config, mode, teachers, steps.batch, steps.epochs, start_epoch,
+                               skip, arrays=inputs.train_arrays, indices=inputs.indices)
         return strategy.distribute_datasets_from_function(fn)
 
     def plot(history):
@@ -397,10 +454,10 @@ def run_finetune(config, workdir: str, log=None, stop_at_step: int | None = None
                                        ).as_default():
         tf.summary.scalar("eval/top1", before["top1"], step=0)
     plot([])
-    log(f"fine-tuning ({mode}, T={temperature:g}, {views} view(s), {n_train} images, "
-        f"{total_steps} steps of {batch})")
+    log(f"fine-tuning ({mode}, T={temperature:g}, {views} view(s), {steps.num_images} images, "
+        f"{steps.total_steps} steps of {steps.batch})")
     result = train.fit(trainer, workdir=out_dir, make_train_input=make_train_input,
-                       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                       steps_per_epoch=steps.steps_per_epoch, total_steps=steps.total_steps,
                        evaluate_fn=evaluate,
                        checkpoint_every=int(config.train.checkpoint_every_steps),
                        keep_checkpoints=int(config.train.keep_checkpoints),
@@ -408,16 +465,7 @@ def run_finetune(config, workdir: str, log=None, stop_at_step: int | None = None
                        eval_every_epochs=int(config.train.eval_every_epochs), name="finetune",
                        on_epoch_end=plot, stop_at_step=stop_at_step)
     plot(result.history)
-
-    last_path = os.path.join(out_dir, "last.keras")
-    best_path = os.path.join(out_dir, "best.keras")
-    save_keras(model, last_path)
-    best_ckpt = tf.train.latest_checkpoint(os.path.join(out_dir, "checkpoints", "best"))
-    if best_ckpt:
-        with strategy.scope():
-            best_model = keras.models.clone_model(model)
-        tf.train.Checkpoint(model=best_model).restore(best_ckpt).expect_partial()
-        save_keras(best_model, best_path)
+    last_path, best_path = save_models(model, out_dir)
 
     final = result.last_eval or evaluate()
     out = {"top1": final.get("top1"), "top5": final.get("top5"), "loss": final.get("loss"),
@@ -426,13 +474,13 @@ def run_finetune(config, workdir: str, log=None, stop_at_step: int | None = None
            "teachers": getattr(teachers, "num_teachers", 0),
            "teacher_selection": ft.teacher_selection if mode == "ekg" else None,
            "views": views, "epochs": round(result.epochs_done, 3), "steps": result.steps,
-           "total_steps": total_steps, "train_images": n_train, "test_images": n_test,
-           "seconds": round(result.seconds, 2),
+           "total_steps": steps.total_steps, "train_images": steps.num_images,
+           "test_images": n_test, "seconds": round(result.seconds, 2),
            "images_per_second": round(result.images_per_second, 1),
            "macs": complexity.macs, "params": complexity.params,
            "macs_ratio": complexity.macs / full.macs, "params_ratio": complexity.params / full.params,
            "replicas": strategy.num_replicas_in_sync, "weights_source": weights_source,
-           "status": "done" if result.steps >= total_steps else "incomplete",
-           "best": best_path if best_ckpt else None, "last": last_path, "workdir": workdir}
+           "status": "done" if result.steps >= steps.total_steps else "incomplete",
+           "best": best_path, "last": last_path, "workdir": workdir}
     atomic_write_json(os.path.join(out_dir, "result.json"), out)
     return out

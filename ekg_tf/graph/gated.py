@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import keras
 
+from ekg_tf.errors import UserError
 from ekg_tf.graph.dependency import DependencyGraph, dependency_graph
 from ekg_tf.graph.forward import MaskedForward, SlicedForward
 from ekg_tf.graph.gates import GateGroup
 from ekg_tf.graph.rules import BatchNormStep
 
 
-class NothingToPruneError(ValueError):
+class NothingToPruneError(UserError):
     """Every channel group of the model is pinned."""
 
 

@@ -363,16 +363,22 @@ class ConvRule(Weighted):
     def weight_names(self, layer):
         return ["kernel"] + (["bias"] if layer.use_bias else [])
 
+    # The roles of the kernel's last two axes and of the bias (depthwise: both follow
+    # the input channels).
+    kernel_roles = (IN, OUT)
+    bias_role = OUT
+
     def weight_axes(self, node):
         rank = len(node.layer.kernel.shape)
-        axes = {"kernel": (None,) * (rank - 2) + (IN, OUT)}
+        axes = {"kernel": (None,) * (rank - 2) + self.kernel_roles}
         if node.layer.use_bias:
-            axes["bias"] = (OUT,)
+            axes["bias"] = (self.bias_role,)
         return axes
 
     def macs_terms(self, node, ctx):
         area = int(np.prod(node.layer.kernel.shape[:-2]))
-        return [(area * positions(ctx.shape(node.outputs[0])), (IN, OUT))]
+        roles = tuple(r for r in self.kernel_roles if r)
+        return [(area * positions(ctx.shape(node.outputs[0])), roles)]
 
     def apply(self, node, x, w, training, bn, channel_mask=None):
         layer = node.layer
@@ -427,19 +433,11 @@ class DepthwiseRule(ConvRule):
     produces = False
     rebuild = Weighted.rebuild  # the width follows the input: nothing to set
 
+    kernel_roles = (IN, None)
+    bias_role = IN
+
     def transfer(self, node, ins, ctx):
         return [ins[0]]
-
-    def weight_axes(self, node):
-        rank = len(node.layer.kernel.shape)
-        axes = {"kernel": (None,) * (rank - 2) + (IN, None)}
-        if node.layer.use_bias:
-            axes["bias"] = (IN,)
-        return axes
-
-    def macs_terms(self, node, ctx):
-        area = int(np.prod(node.layer.kernel.shape[:-2]))
-        return [(area * positions(ctx.shape(node.outputs[0])), (IN,))]
 
     def apply(self, node, x, w, training, bn, channel_mask=None):
         layer = node.layer

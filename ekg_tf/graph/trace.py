@@ -18,10 +18,11 @@ from typing import Callable
 
 import keras
 
+from ekg_tf.errors import UserError
 from ekg_tf.graph import keras_compat as compat
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """The model has no functional graph that ekg_tf can trace (says what is supported)."""
 
 

@@ -20,6 +20,8 @@ import dataclasses
 
 import keras
 
+from ekg_tf.errors import UserError
+
 BN_EPSILON = 1e-5
 BN_MOMENTUM = 0.9
 
@@ -60,7 +62,7 @@ def get_arch(name: str) -> ResNetArch:
     try:
         return ARCHS[name.lower()]
     except KeyError:
-        raise ValueError(f"unknown architecture {name!r}; choose one of {sorted(ARCHS)}") from None
+        raise UserError(f"unknown architecture {name!r}; choose one of {sorted(ARCHS)}") from None
 
 
 def _conv_bn(x, filters, kernel, strides, name, bn_name, gamma_zero=False):

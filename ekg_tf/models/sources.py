@@ -19,10 +19,11 @@ import os
 import keras
 
 from ekg_tf.data.preprocessing import APPLICATIONS_PREFIX
+from ekg_tf.errors import UserError
 from ekg_tf.models.resnet import build_model
 
 
-class ModelSourceError(ValueError):
+class ModelSourceError(UserError):
     """`model.init` / `model.arch` name no model that can be built (says what to fix)."""
 
 

@@ -28,7 +28,7 @@ import sys
 import numpy as np
 
 from ekg_tf.qat.job import QATJob
-from ekg_tf.utils.cli import UserError
+from ekg_tf.errors import UserError
 from ekg_tf.utils.io import atomic_path, atomic_write_json
 
 MODES = ("auto", "ekg", "float", "plain")
@@ -48,6 +48,21 @@ def check_settings(config) -> None:
                         "epoch (set qat.epochs >= 1, or qat.steps >= 1)")
     if not float(q.learning_rate) > 0:
         raise UserError(f"qat.learning_rate must be > 0, got {q.learning_rate}")
+
+
+# import name -> pip name of what the worker needs (requirements-qat.txt, ekg_tf[qat])
+QAT_PACKAGES = {"tensorflow_model_optimization": "tensorflow-model-optimization",
+                "tf_keras": "tf-keras"}
+
+
+def check_packages() -> None:
+    """tfmot and tf-keras are installed (looked up, not imported: they must not load here)."""
+    import importlib.util
+    missing = [pip for module, pip in QAT_PACKAGES.items()
+               if importlib.util.find_spec(module) is None]
+    if missing:
+        raise UserError(f"quantization-aware training needs {' and '.join(missing)}: "
+                        "pip install 'ekg_tf[qat]' (or -r requirements-qat.txt)")
 
 
 def resolve_mode(mode: str, bank_dir: str | None) -> str:
@@ -111,7 +126,7 @@ def verify(float_model, job: QATJob, result: dict, export_dir: str, normalizatio
            labels, representative, export_cfg, info: dict, log) -> dict:
     """The export report of the float network's TFLite artifacts with the QAT file beside
     the post-training int8 one (`export/`'s exporter; all verified the same way)."""
-    from export.exporter import ExportRequest, PrebuiltArtifact, export_all
+    from ekg_tf.export.exporter import ExportRequest, PrebuiltArtifact, export_all
     qat_logits = np.load(job.path("qat_logits")) if os.path.exists(job.path("qat_logits")) \
         else None
     request = ExportRequest(
@@ -129,7 +144,7 @@ def verify(float_model, job: QATJob, result: dict, export_dir: str, normalizatio
 
 
 def float_fingerprint(model) -> str:
-    from export.saved_model import model_fingerprint
+    from ekg_tf.export.saved_model import model_fingerprint
     return model_fingerprint(model, "qat-float")
 
 
@@ -175,7 +190,7 @@ def float_network(config, workdir: str, weights: str | None, log):
     from ekg_tf.data import load_arrays, normalize
     from ekg_tf.slimming import recalibrate_batch_norm
     from ekg_tf.subnet import SubnetSpec
-    from export.weights_io import find_weights, load_slim, sample_indices
+    from ekg_tf.export.weights_io import find_weights, load_slim, sample_indices
     spec_path = os.path.join(workdir, "search", "subnet.json")
     if not os.path.exists(spec_path):
         raise UserError(f"no search result at {spec_path}: run ekg-search first (then "
@@ -199,10 +214,11 @@ def run_qat(config, workdir: str, weights: str | None = None, log=None) -> dict:
     """The ekg-qat job (module doc): returns the summary; the report is in workdir/qat/export/."""
     from ekg_tf.config import resolve
     from ekg_tf.data import load_arrays, normalization_for
-    from export.weights_io import sample_indices
+    from ekg_tf.export.weights_io import sample_indices
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     config = resolve(config)
     check_settings(config)
+    check_packages()
     from ekg_tf.finetune.runner import check_settings as check_finetune
     check_finetune(config)  # the QAT run takes views, jitter, temperature... from finetune
     bank_dir = os.path.join(workdir, "memory_bank")
@@ -276,19 +292,19 @@ def quantize_aware(model, train_data, test_data, workdir, *, epochs: int = 1, st
     from ekg_tf.config import base_config
     from ekg_tf.data.preprocessing import Normalization
     if int(epochs) < 1 and int(steps) < 1:
-        raise ValueError("epochs is 0: quantization-aware training needs at least one epoch "
+        raise UserError("epochs is 0: quantization-aware training needs at least one epoch "
                          "(or steps >= 1)")
     log = log or (lambda msg: None)
     tx, ty = as_arrays(train_data, "train_data", model)
     vx, vy = as_arrays(test_data, "test_data", model)
     if len(tx) < batch_size:
-        raise ValueError(f"train_data has {len(tx)} images, fewer than one batch of {batch_size}")
+        raise UserError(f"train_data has {len(tx)} images, fewer than one batch of {batch_size}")
     if memory_bank is not None and not os.path.exists(os.path.join(str(memory_bank),
                                                                    "meta.json")):
-        raise ValueError(f"memory_bank {memory_bank!r} is not a memory bank directory "
+        raise UserError(f"memory_bank {memory_bank!r} is not a memory bank directory "
                          "(no meta.json)")
     if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+        raise UserError(f"unknown mode {mode!r}; choose one of {MODES}")
     mode = resolve_mode(mode, None if memory_bank is None else str(memory_bank))
     config = base_config()
     config.data = _data_config(tx)
@@ -297,6 +313,7 @@ def quantize_aware(model, train_data, test_data, workdir, *, epochs: int = 1, st
     config.qat.update(epochs=int(epochs), steps=int(steps), batch_size=int(batch_size),
                       learning_rate=float(learning_rate), schedule=schedule,
                       calibration_batches=int(calibration_batches))
+    check_packages()
     config.finetune.update(temperature=float(temperature), views=int(views))
     config.export.update(int8_calibration=int8_calibration, latency_runs=int(latency_runs),
                          threads=int(threads))

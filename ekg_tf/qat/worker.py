@@ -147,7 +147,7 @@ def train_qat(model, float_model, config, job, strategy):
     from ekg_tf.finetune.runner import (check_bank, optimizer_config, resolve_temperature,
                                         train_input_fn, train_subset_indices)
     import tensorflow as tf
-    from ekg_tf.utils.cli import UserError
+    from ekg_tf.errors import UserError
     cfg = qat_finetune_config(config)
     ft, dcfg = cfg.finetune, cfg.data
     train_arrays = (_arrays(job.train_x, job.train_y) if job.train_x
@@ -336,7 +336,7 @@ def run(job) -> dict:
 def main(argv) -> int:
     from ekg_tf.qat.convert import ConversionError
     from ekg_tf.qat.job import QATJob
-    from ekg_tf.utils.cli import UserError
+    from ekg_tf.errors import UserError
     if len(argv) != 2:
         print("usage: python -m ekg_tf.qat.worker JOB.json", file=sys.stderr)
         return 2

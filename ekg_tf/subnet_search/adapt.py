@@ -14,6 +14,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from ekg_tf.errors import UserError
 from ekg_tf.train.loop import Trainer
 
 
@@ -25,7 +26,7 @@ def adapt(model, images, labels, learning_rate: float = 1e-3, batch_size: int = 
     labels = np.asarray(labels, np.int32)
     n_steps = len(images) // batch_size
     if n_steps < 1:
-        raise ValueError(f"the adaptation pass needs at least {batch_size} images "
+        raise UserError(f"the adaptation pass needs at least {batch_size} images "
                          f"(search.adapt_batch_size), got {len(images)}; lower "
                          "search.adapt_batch_size or set search.adapt=False")
     for g in model.gate_groups:
@@ -33,7 +34,7 @@ def adapt(model, images, labels, learning_rate: float = 1e-3, batch_size: int = 
             raise ValueError("the adaptation pass runs on the unpruned network (all rates 1)")
     strategy = strategy or tf.distribute.get_strategy()
     if batch_size % strategy.num_replicas_in_sync:
-        raise ValueError(f"search.adapt_batch_size {batch_size} does not split over "
+        raise UserError(f"search.adapt_batch_size {batch_size} does not split over "
                          f"{strategy.num_replicas_in_sync} replicas")
     with strategy.scope():
         optimizer = keras.optimizers.SGD(learning_rate=learning_rate, momentum=momentum,

@@ -24,6 +24,7 @@ statistics and frozen moving statistics, as the reference.
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import collections
 
 import numpy as np
@@ -60,12 +61,12 @@ class SubnetEvaluator:
         images = np.asarray(images, np.float32)
         labels = np.asarray(labels, np.int64)
         if len(images) == 0:
-            raise ValueError("the validation set is empty: nothing to search on "
+            raise UserError("the validation set is empty: nothing to search on "
                              "(check data.val_per_class and the training split)")
         if batch_size < 1:
-            raise ValueError(f"search.batch_size must be >= 1, got {batch_size}")
+            raise UserError(f"search.batch_size must be >= 1, got {batch_size}")
         if forward not in FORWARDS:
-            raise ValueError(f"search.forward must be one of {FORWARDS}, got {forward!r}")
+            raise UserError(f"search.forward must be one of {FORWARDS}, got {forward!r}")
         self.model = model
         self.dependency = model.dependency
         self.forward = forward
@@ -116,6 +117,12 @@ class SubnetEvaluator:
         return self.strategy.run(fn, args=args)
 
     def _concat_logits(self, per_batch):
+        if self.num_replicas > 1 and isinstance(self.strategy,
+                                                tf.distribute.MultiWorkerMirroredStrategy):
+            # Other workers' replicas are not local: all-gather them (in replica order, as
+            # the batch was split; every worker runs this collective).
+            return np.concatenate([self.strategy.gather(v, axis=0).numpy() for v in per_batch],
+                                  0)
         return np.concatenate([np.concatenate([t.numpy() for t in self._local(v)], 0)
                                for v in per_batch], 0)
 

@@ -43,6 +43,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.errors import UserError
 from ekg_tf.utils.io import atomic_path, atomic_write_json
 
 FORMAT = "ekg-memory-bank-v1"
@@ -60,7 +61,7 @@ def select_teachers(losses, num_teachers: int) -> list:
     if losses.size == 0:
         raise ValueError("select_teachers: the history is empty")
     if num_teachers < 1:
-        raise ValueError(f"search.num_teachers must be >= 1, got {num_teachers}")
+        raise UserError(f"search.num_teachers must be >= 1, got {num_teachers}")
     order = np.argsort(losses, kind="stable")
     sorted_losses = losses[order] + np.arange(losses.size) * 1e-12
     n = min(num_teachers, losses.size)
@@ -111,6 +112,81 @@ def _save_npy(path, array):
             np.save(f, array)
 
 
+class _ShardWriter:
+    """Rows land in shard buffers by example index; a shard is written once full."""
+
+    def __init__(self, out_dir, num_examples, num_classes, t_count, shard_size, topk,
+                 temperature):
+        self.out_dir, self.num_examples = out_dir, num_examples
+        self.shape = (shard_size, num_classes, t_count)
+        self.shard_size, self.topk, self.temperature = shard_size, topk, temperature
+        self.buffers, self.filled = {}, {}
+
+    def rows(self, shard):
+        return min(self.shard_size, self.num_examples - shard * self.shard_size)
+
+    def add(self, index, logits):
+        for shard in np.unique(index // self.shard_size):
+            sel = index // self.shard_size == shard
+            if shard not in self.buffers:
+                self.buffers[shard] = np.zeros(self.shape, np.float32)
+                self.filled[shard] = np.zeros(self.rows(shard), bool)
+            self.buffers[shard][index[sel] % self.shard_size] = logits[sel]
+            self.filled[shard][index[sel] % self.shard_size] = True
+            if self.filled[shard].all():
+                self.flush(shard)
+
+    def flush(self, shard):
+        buf = self.buffers.pop(shard)[:self.rows(shard)]
+        out = self.out_dir
+        if self.topk:
+            parts = [compress_topk(buf[:, :, t], self.topk, self.temperature)
+                     for t in range(buf.shape[2])]
+            _save_npy(os.path.join(out, f"topk_values-{shard:05d}.npy"),
+                      np.stack([p[0] for p in parts], -1))
+            _save_npy(os.path.join(out, f"topk_indices-{shard:05d}.npy"),
+                      np.stack([p[1] for p in parts], -1))
+            _save_npy(os.path.join(out, f"tail-{shard:05d}.npy"),
+                      np.stack([p[2] for p in parts], -1))
+        else:
+            _save_npy(os.path.join(out, f"logits-{shard:05d}.npy"), buf.astype(np.float16))
+
+    def incomplete(self) -> list:
+        return sorted(int(s) for s in self.buffers)
+
+
+def _teacher_logits_fn(model, teachers, sliced: bool):
+    """images -> float32 [B, classes, teachers] (each teacher at its real width when
+    `sliced`; otherwise the model's masks are set per teacher)."""
+    num_classes, t_count = int(model.num_classes), len(teachers)
+    groups = {g.name: g for g in model.gate_groups}
+
+    def apply(entry):
+        for name, g in groups.items():
+            g.rank = entry["ranks"][name]
+            g.rate = min(max(float(entry["rates"][name]), 0.0), 1.0)
+
+    forward = tf.function(lambda x: model(x, training=True, freeze_bn_stats=True),
+                          autograph=False)
+    if sliced:  # each teacher at its real width: cost in proportion to its MACs
+        from ekg_tf.subnet_search.evaluator import kept_indices_of, subnet_logits_fn
+        slim = subnet_logits_fn(model)
+        kept = [kept_indices_of(model, e) for e in teachers]
+
+    def logits(images):
+        x = tf.convert_to_tensor(images)
+        out = np.empty((len(images), num_classes, t_count), np.float32)
+        for t, entry in enumerate(teachers):
+            if sliced:
+                out[:, :, t] = slim(x, kept[t]).numpy()
+            else:
+                apply(entry)
+                out[:, :, t] = forward(x).numpy()
+        return out
+
+    return logits
+
+
 def build_memory_bank(model, teachers: list, batches, num_examples: int, out_dir: str,
                       shard_size: int = 10_000, topk: int = 0, temperature: float = 4.0,
                       progress=None, extra_meta: dict | None = None,
@@ -130,69 +206,27 @@ def build_memory_bank(model, teachers: list, batches, num_examples: int, out_dir
     if topk >= num_classes:
         topk = 0
     if shard_size < 1:
-        raise ValueError(f"search.memory_bank_shard_size must be >= 1, got {shard_size}")
+        raise UserError(f"search.memory_bank_shard_size must be >= 1, got {shard_size}")
     os.makedirs(out_dir, exist_ok=True)
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
         os.remove(meta_path)  # rebuilding: the bank is incomplete until meta.json is back
     num_shards = -(-num_examples // shard_size)
-    groups = {g.name: g for g in model.gate_groups}
-
-    def apply(entry):
-        for name, g in groups.items():
-            g.rank = entry["ranks"][name]
-            g.rate = min(max(float(entry["rates"][name]), 0.0), 1.0)
-
-    forward = tf.function(lambda x: model(x, training=True, freeze_bn_stats=True),
-                          autograph=False)
-    if sliced:  # each teacher at its real width: cost in proportion to its MACs
-        from ekg_tf.subnet_search.evaluator import kept_indices_of, subnet_logits_fn
-        slim = subnet_logits_fn(model)
-        kept = [kept_indices_of(model, e) for e in teachers]
+    teacher_logits = _teacher_logits_fn(model, teachers, sliced)
+    writer = _ShardWriter(out_dir, num_examples, num_classes, t_count, shard_size, topk,
+                          temperature)
     t0 = time.time()
-    buffers, filled = {}, {}
-
-    def flush(shard):
-        n = min(shard_size, num_examples - shard * shard_size)
-        buf = buffers.pop(shard)[:n]
-        if topk:
-            parts = [compress_topk(buf[:, :, t], topk, temperature) for t in range(t_count)]
-            _save_npy(os.path.join(out_dir, f"topk_values-{shard:05d}.npy"),
-                      np.stack([p[0] for p in parts], -1))
-            _save_npy(os.path.join(out_dir, f"topk_indices-{shard:05d}.npy"),
-                      np.stack([p[1] for p in parts], -1))
-            _save_npy(os.path.join(out_dir, f"tail-{shard:05d}.npy"),
-                      np.stack([p[2] for p in parts], -1))
-        else:
-            _save_npy(os.path.join(out_dir, f"logits-{shard:05d}.npy"), buf.astype(np.float16))
-
     seen = 0
     for images, _, index in batches:
         index = np.asarray(index, np.int64)
-        x = tf.convert_to_tensor(images)
-        out = np.empty((len(index), num_classes, t_count), np.float32)
-        for t, entry in enumerate(teachers):
-            if sliced:
-                out[:, :, t] = slim(x, kept[t]).numpy()
-            else:
-                apply(entry)
-                out[:, :, t] = forward(x).numpy()
+        out = teacher_logits(images)
         if index.min() < 0 or index.max() >= num_examples:
             raise ValueError(f"example index {index.max()} outside the split of {num_examples}")
-        for shard in np.unique(index // shard_size):
-            sel = index // shard_size == shard
-            if shard not in buffers:
-                n = min(shard_size, num_examples - shard * shard_size)
-                buffers[shard] = np.zeros((shard_size, num_classes, t_count), np.float32)
-                filled[shard] = np.zeros(n, bool)
-            buffers[shard][index[sel] % shard_size] = out[sel]
-            filled[shard][index[sel] % shard_size] = True
-            if filled[shard].all():
-                flush(shard)
+        writer.add(index, out)
         seen += len(index)
         if progress is not None:
             progress.update(1, items=len(index))
-    missing = sorted(int(s) for s in buffers)
+    missing = writer.incomplete()
     if missing or seen < num_examples:
         raise ValueError(f"the training split yielded {seen} of {num_examples} examples; "
                          f"shards {missing} incomplete")
@@ -240,7 +274,7 @@ class MemoryBank:
         with open(meta_path) as f:
             meta = json.load(f)
         if meta.get("format") != FORMAT:
-            raise ValueError(f"{meta_path}: unknown memory bank format {meta.get('format')!r}")
+            raise UserError(f"{meta_path}: unknown memory bank format {meta.get('format')!r}")
         return cls(directory, meta)
 
     def _shard(self, s):

@@ -11,12 +11,14 @@ from __future__ import annotations
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.errors import UserError
+
 OBJECTIVES = ("ekg", "loss", "accuracy")
 
 
 def check_objective(name: str) -> str:
     if name not in OBJECTIVES:
-        raise ValueError(f"search.objective must be one of {OBJECTIVES}, got {name!r}")
+        raise UserError(f"search.objective must be one of {OBJECTIVES}, got {name!r}")
     return name
 
 

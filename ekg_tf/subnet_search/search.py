@@ -9,13 +9,13 @@ the knowledge `K`, write the state. Stops at MACs(sub)/MACs(full) <= target.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Callable
 
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.errors import UserError
 from ekg_tf.flops import ComplexityCounter
 from ekg_tf.subnet_search import scoring
 from ekg_tf.subnet_search.evaluator import SubnetEvaluator
@@ -38,16 +38,16 @@ class SearchSettings:
 
     def __post_init__(self):
         if not 0.0 < float(self.target_ratio) < 1.0:
-            raise ValueError(f"search.target_ratio must be in (0, 1) (the fraction of MACs to "
+            raise UserError(f"search.target_ratio must be in (0, 1) (the fraction of MACs to "
                              f"keep, e.g. 0.45), got {self.target_ratio}")
         if not 0.0 < float(self.search_step) <= 1.0:
-            raise ValueError(f"search.search_step must be in (0, 1], got {self.search_step}")
+            raise UserError(f"search.search_step must be in (0, 1], got {self.search_step}")
         check_objective(self.objective)
         if self.importance not in IMPORTANCES:
-            raise ValueError(f"search.importance must be one of {IMPORTANCES}, "
+            raise UserError(f"search.importance must be one of {IMPORTANCES}, "
                              f"got {self.importance!r}")
         if int(self.max_steps) < 0:
-            raise ValueError(f"search.max_steps must be >= 0, got {self.max_steps}")
+            raise UserError(f"search.max_steps must be >= 0, got {self.max_steps}")
 
     @classmethod
     def from_config(cls, search_cfg) -> "SearchSettings":
@@ -134,7 +134,7 @@ class EKGSearch:
     def check_reachable(self):
         floor = self.ratio_of({g.name: 0.0 for g in self.groups})
         if floor > self.settings.target_ratio:
-            raise ValueError(
+            raise UserError(
                 f"search.target_ratio {self.settings.target_ratio} is unreachable: with every "
                 f"gate at its minimum width (one channel) {self.model.arch_name} keeps "
                 f"{floor:.4f} of its MACs; choose a target above that")
@@ -217,7 +217,7 @@ class EKGSearch:
                 for g in self.groups]
         marked = scoring.mark_candidates(sums, s.otsu_cut)
         if not marked.any():
-            raise ValueError(
+            raise UserError(
                 f"search.target_ratio {s.target_ratio} is unreachable: every gate is at its "
                 f"minimum width and the MACs ratio is still {self.ratio_of(rates):.4f}")
         best = None

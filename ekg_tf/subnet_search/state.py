@@ -20,6 +20,7 @@ import os
 
 import numpy as np
 
+from ekg_tf.errors import UserError
 from ekg_tf.utils.io import atomic_path, atomic_write_json
 
 FORMAT_VERSION = 1
@@ -82,16 +83,16 @@ def load_state(search_dir: str, fingerprint: dict) -> SearchState | None:
         history = d["history"]
         kfile = os.path.join(search_dir, d["knowledge_file"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"{path} is not a readable search state ({type(e).__name__}: {e}); "
+        raise UserError(f"{path} is not a readable search state ({type(e).__name__}: {e}); "
                          "delete it or use another --workdir") from None
     diff = fingerprint_mismatch(saved_fp, fingerprint)
     if diff:
         details = ", ".join(f"{k}: saved {saved_fp.get(k)!r} vs now {fingerprint.get(k)!r}"
                             for k in diff)
-        raise ValueError(f"the workdir {os.path.dirname(search_dir)!r} holds a search of another "
+        raise UserError(f"the workdir {os.path.dirname(search_dir)!r} holds a search of another "
                          f"run ({details}); use another --workdir or delete {search_dir!r}")
     if not os.path.exists(kfile):
-        raise ValueError(f"{path} refers to {kfile!r}, which is missing; the search state is "
+        raise UserError(f"{path} refers to {kfile!r}, which is missing; the search state is "
                          f"damaged: delete {search_dir!r} to start again")
     return SearchState(fingerprint=saved_fp, history=history, knowledge=np.load(kfile),
                        knowledge_count=int(d["knowledge_count"]), rng_state=d["rng_state"],

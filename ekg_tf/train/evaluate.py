@@ -6,6 +6,7 @@ updates the moving statistics, so evaluation data cannot leak into the model.
 """
 from __future__ import annotations
 
+from ekg_tf.errors import UserError
 import tensorflow as tf
 
 BN_MODES = ("inference", "batch_stats")
@@ -13,7 +14,7 @@ BN_MODES = ("inference", "batch_stats")
 
 def make_eval_step(model, strategy, bn_mode: str = "inference"):
     if bn_mode not in BN_MODES:
-        raise ValueError(f"unknown BN mode {bn_mode!r}; choose one of {BN_MODES}")
+        raise UserError(f"unknown BN mode {bn_mode!r}; choose one of {BN_MODES}")
     training = bn_mode == "batch_stats"
 
     def replica_step(batch):
@@ -55,6 +56,6 @@ def evaluate(model, strategy, dataset_fn, bn_mode: str = "inference", eval_step=
         totals += step(batch)
     loss, top1, top5, count = totals.numpy().tolist()
     if count == 0:
-        raise ValueError("evaluation set is empty")
+        raise UserError("evaluation set is empty")
     return {"top1": top1 / count, "top5": top5 / count, "loss": loss / count,
             "examples": int(count)}

@@ -13,6 +13,7 @@ NaN/Inf detection that stops with the last good checkpoint kept.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,12 +25,13 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
+from ekg_tf.errors import UserError
 from ekg_tf.graph import keras_compat
 from ekg_tf.utils.io import atomic_write_json
 from ekg_tf.utils.progress import ProgressBar
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or Inf."""
 
 
@@ -120,12 +122,98 @@ class FitResult:
     history: list
 
 
+_PRIVATE_WORKDIR = [False]
+
+
+@contextlib.contextmanager
+def private_workdir():
+    """Within it, this worker's workdir is its own (ekg-prune gives each non-chief worker a
+    private copy): `fit` writes checkpoints, state and summaries there as the chief does,
+    so that a resumed run restores the same step on every worker."""
+    _PRIVATE_WORKDIR[0] = True
+    try:
+        yield
+    finally:
+        _PRIVATE_WORKDIR[0] = False
+
+
+def writes_workdir(strategy) -> bool:
+    """Whether this worker writes the workdir's checkpoints, state and summaries."""
+    return _PRIVATE_WORKDIR[0] or is_chief(strategy)
+
+
 def is_chief(strategy) -> bool:
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
         return True
     return resolver.task_type == "chief" or (resolver.task_type == "worker" and
                                              resolver.task_id == 0)
+
+
+class _Checkpoints:
+    """The run's checkpoints (latest + best) and its JSON state (evaluation history); a
+    non-chief worker (MultiWorkerMirroredStrategy) writes to a scratch folder."""
+
+    def __init__(self, trainer, workdir, keep, extra_objects, name):
+        strategy, self.model = trainer.strategy, trainer.model
+        self.chief = writes_workdir(strategy)
+        ckpt_dir = os.path.join(workdir, "checkpoints")
+        if not self.chief:
+            ckpt_dir = os.path.join(workdir, "tmp_worker", str(strategy.cluster_resolver.task_id))
+        self.ckpt = tf.train.Checkpoint(model=trainer.model, optimizer=trainer.optimizer,
+                                        **(extra_objects or {}))
+        self.manager = tf.train.CheckpointManager(self.ckpt, ckpt_dir, max_to_keep=keep)
+        self.best_manager = tf.train.CheckpointManager(tf.train.Checkpoint(model=trainer.model),
+                                                       os.path.join(ckpt_dir, "best"),
+                                                       max_to_keep=1)
+        self.state_path = os.path.join(workdir, f"{name}_state.json")
+        self.state = {"history": [], "best": {}}
+
+    def restore(self):
+        if self.manager.latest_checkpoint:
+            self.ckpt.restore(self.manager.latest_checkpoint).assert_existing_objects_matched()
+            if os.path.exists(self.state_path):
+                with open(self.state_path) as f:
+                    self.state = json.load(f)
+
+    def diverged(self, at_step, what):
+        kept = self.manager.latest_checkpoint or "none (no checkpoint was written yet)"
+        raise TrainingDiverged(
+            f"training diverged at step {at_step}: {what}; stopped without saving. Last good "
+            f"checkpoint: {kept}. Lower train.learning_rate or check the data.")
+
+    def save(self, step):
+        # A finite loss can still leave Inf/NaN weights behind (a huge update): never
+        # checkpoint those.
+        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.model.weights
+                   if tf.as_dtype(v.dtype).is_floating):  # integer state (a QAT step counter)
+            self.diverged(step, "the weights are no longer finite")
+        self.manager.save(checkpoint_number=step)
+        if self.chief:
+            atomic_write_json(self.state_path, self.state)
+
+    def saved_at(self, step) -> bool:
+        latest = self.manager.latest_checkpoint
+        return latest is not None and int(latest.rsplit("-", 1)[1]) == step
+
+    def record_eval(self, result, step):
+        """Adds an evaluation to the history; keeps the best (by top-1) weights."""
+        self.state["history"].append(result)
+        for key in ("top1", "top5", "loss"):
+            if key in result:
+                tf.summary.scalar(f"eval/{key}", result[key], step=step)
+        if result.get("top1", -1) > self.state["best"].get("top1", -1):
+            self.state["best"] = result
+            self.best_manager.save(checkpoint_number=step)
+
+
+def _write_train_scalars(running, log_every, optimizer, images, t0, step):
+    lr = optimizer.learning_rate
+    tf.summary.scalar("loss", running[0] / max(log_every, 1), step=step)
+    tf.summary.scalar("accuracy", running[1] / max(running[2], 1), step=step)
+    tf.summary.scalar("learning_rate", float(lr.numpy() if hasattr(lr, "numpy") else lr),
+                      step=step)
+    tf.summary.scalar("images_per_second", images / (time.time() - t0), step=step)
 
 
 def fit(trainer: Trainer, *, workdir: str, make_train_input: Callable, steps_per_epoch: int,
@@ -141,99 +229,57 @@ def fit(trainer: Trainer, *, workdir: str, make_train_input: Callable, steps_per
     `stop_at_step` ends this run early (checkpointed) as if the job were
     preempted there; the schedule still spans `total_steps`.
     """
-    strategy, model, optimizer = trainer.strategy, trainer.model, trainer.optimizer
-    chief = is_chief(strategy)
-    ckpt_dir = os.path.join(workdir, "checkpoints")
-    if not chief:  # non-chief workers write to a scratch dir (MultiWorkerMirroredStrategy)
-        ckpt_dir = os.path.join(workdir, "tmp_worker", str(strategy.cluster_resolver.task_id))
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, **(extra_checkpoint_objects or {}))
-    manager = tf.train.CheckpointManager(ckpt, ckpt_dir, max_to_keep=keep_checkpoints)
-    best_ckpt = tf.train.Checkpoint(model=model)
-    best_manager = tf.train.CheckpointManager(best_ckpt, os.path.join(ckpt_dir, "best"),
-                                              max_to_keep=1)
-    state_path = os.path.join(workdir, f"{name}_state.json")
-    state = {"history": [], "best": {}}
-    if manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        if os.path.exists(state_path):
-            with open(state_path) as f:
-                state = json.load(f)
+    optimizer = trainer.optimizer
+    ckpts = _Checkpoints(trainer, workdir, keep_checkpoints, extra_checkpoint_objects, name)
+    ckpts.restore()
+    state = ckpts.state
     start_step = int(optimizer.iterations.numpy())
     if start_step >= total_steps:
         return FitResult(start_step, start_step / steps_per_epoch, 0.0, 0.0,
                          state["history"][-1] if state["history"] else {}, state["best"],
                          state["history"])
     writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard", name)) \
-        if chief else tf.summary.create_noop_writer()
+        if ckpts.chief else tf.summary.create_noop_writer()
     epoch, skip = divmod(start_step, steps_per_epoch)
-    dataset = make_train_input(epoch, skip)
+    iterator = iter(make_train_input(epoch, skip))
     bar = ProgressBar(total_steps, desc=name, initial=start_step)
     step = start_step
     t0 = time.time()
     images = 0
     running = np.zeros(3)
     last_eval = state["history"][-1] if state["history"] else {}
-
-    def diverged(at_step, what):
-        kept = manager.latest_checkpoint or "none (no checkpoint was written yet)"
-        raise TrainingDiverged(
-            f"training diverged at step {at_step}: {what}; stopped without saving. Last good "
-            f"checkpoint: {kept}. Lower train.learning_rate or check the data.")
-
-    def save(step_now):
-        # A finite loss can still leave Inf/NaN weights behind (a huge update): never
-        # checkpoint those.
-        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in model.weights
-                   if tf.as_dtype(v.dtype).is_floating):  # integer state (a QAT step counter)
-            diverged(step_now, "the weights are no longer finite")
-        manager.save(checkpoint_number=step_now)
-        if chief:
-            atomic_write_json(state_path, state)
-
-    iterator = iter(dataset)
     end_step = min(total_steps, stop_at_step or total_steps)
     with writer.as_default():
         while step < end_step:
             try:
                 batch = next(iterator)
             except StopIteration:
-                raise ValueError(f"the training data ran out at step {step} of {total_steps}; "
-                                 "is the training split smaller than one batch?") from None
+                raise UserError(f"the training data ran out at step {step} of {total_steps}; "
+                                "is the training split smaller than one batch?") from None
             loss, correct, count = trainer.train_step(batch).numpy()
             if not np.isfinite(loss):
-                diverged(step + 1, f"the loss became {loss}")
+                ckpts.diverged(step + 1, f"the loss became {loss}")
             step += 1
             images += int(count)
             running += (loss, correct, count)
             bar.update(1, items=int(count), loss=float(loss))
             if step % log_every == 0 or step == total_steps:
-                lr = optimizer.learning_rate
-                tf.summary.scalar("loss", running[0] / max(log_every, 1), step=step)
-                tf.summary.scalar("accuracy", running[1] / max(running[2], 1), step=step)
-                tf.summary.scalar("learning_rate", float(lr.numpy() if hasattr(lr, "numpy")
-                                                         else lr), step=step)
-                tf.summary.scalar("images_per_second", images / (time.time() - t0), step=step)
+                _write_train_scalars(running, log_every, optimizer, images, t0, step)
                 running[:] = 0
             epoch_end = step % steps_per_epoch == 0
             if evaluate_fn and (step == total_steps or
                                 (epoch_end and (step // steps_per_epoch) % eval_every_epochs == 0)):
                 result = dict(evaluate_fn())
                 result.update(step=step, epoch=step / steps_per_epoch)
-                state["history"].append(result)
                 last_eval = result
-                for key in ("top1", "top5", "loss"):
-                    if key in result:
-                        tf.summary.scalar(f"eval/{key}", result[key], step=step)
-                if result.get("top1", -1) > state["best"].get("top1", -1):
-                    state["best"] = result
-                    best_manager.save(checkpoint_number=step)
+                ckpts.record_eval(result, step)
                 if on_epoch_end:
                     on_epoch_end(state["history"])
-                save(step)
+                ckpts.save(step)
             elif step % checkpoint_every == 0:
-                save(step)
-    if manager.latest_checkpoint is None or int(manager.latest_checkpoint.rsplit("-", 1)[1]) != step:
-        save(step)
+                ckpts.save(step)
+    if not ckpts.saved_at(step):
+        ckpts.save(step)
     bar.close()
     seconds = time.time() - t0
     return FitResult(step, step / steps_per_epoch, seconds, images / max(seconds, 1e-9),

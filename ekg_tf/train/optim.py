@@ -6,6 +6,8 @@ import math
 import keras
 import tensorflow as tf
 
+from ekg_tf.errors import UserError
+
 
 class StepSchedule(keras.optimizers.schedules.LearningRateSchedule):
     """lr * factor**k after the k-th boundary (boundaries in steps), with linear warmup."""
@@ -60,12 +62,12 @@ def make_schedule(train_cfg, total_steps: int, learning_rate: float | None = Non
         return CosineSchedule(lr, total_steps, train_cfg.warmup_steps)
     if train_cfg.schedule == "constant":
         return StepSchedule(lr, [], 1.0, train_cfg.warmup_steps)
-    raise ValueError(f"unknown train.schedule {train_cfg.schedule!r}; use step, cosine or constant")
+    raise UserError(f"unknown train.schedule {train_cfg.schedule!r}; use step, cosine or constant")
 
 
 def make_optimizer(train_cfg, total_steps: int, learning_rate: float | None = None):
     """SGD with (Nesterov) momentum; weight decay is added to the gradients by the loop."""
     if train_cfg.optimizer != "sgd":
-        raise ValueError(f"unknown train.optimizer {train_cfg.optimizer!r}; only 'sgd' is supported")
+        raise UserError(f"unknown train.optimizer {train_cfg.optimizer!r}; only 'sgd' is supported")
     return keras.optimizers.SGD(learning_rate=make_schedule(train_cfg, total_steps, learning_rate),
                                 momentum=train_cfg.momentum, nesterov=train_cfg.nesterov)

@@ -4,13 +4,11 @@ from __future__ import annotations
 import json
 import sys
 
+from ekg_tf.errors import UserError
 
-class UserError(Exception):
-    """Bad input from the user: printed as one clear message, exit status 2."""
-
-
-# Errors that carry a message meant for the user (raised on bad input by the library).
-USER_ERRORS = (UserError, ValueError, FileNotFoundError, KeyError, FileExistsError)
+# Only the project's own error carries a message meant for the user; anything else
+# (a ValueError or KeyError inside the library) is a bug and keeps its traceback.
+USER_ERRORS = (UserError,)
 
 
 def print_result(result: dict) -> None:
@@ -34,7 +32,7 @@ def run_main(main_fn):
         try:
             return main_fn(argv)
         except USER_ERRORS as e:
-            msg = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+            msg = str(e)
             print(f"error: {msg}", file=sys.stderr)
             print_result({"status": "error", "error": str(msg)})
             sys.exit(2)

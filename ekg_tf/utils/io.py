@@ -6,7 +6,6 @@ import os
 import tempfile
 from contextlib import contextmanager
 
-import numpy as np
 
 
 @contextmanager
@@ -37,7 +36,51 @@ def atomic_write_json(path: str, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False))
 
 
-def atomic_save_npz(path: str, **arrays) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
+# Names of what a writer leaves behind when killed mid-write: atomic_path's temporary
+# files, the exporter's build folders, TensorFlow's checkpoint shards before their merge.
+TEMPORARY_PREFIXES = (".tmp-", ".edge-", ".dense-")
+TEMPORARY_SUFFIXES = ("_temp",)
+
+
+def is_temporary(name: str) -> bool:
+    return name.startswith(TEMPORARY_PREFIXES) or name.endswith(TEMPORARY_SUFFIXES)
+
+
+def remove_temporaries(directory: str) -> list[str]:
+    """Deletes the temporary files and folders a killed writer left anywhere under
+    `directory` (call it while holding the directory's lock); returns their paths."""
+    import shutil
+    removed = []
+    if not os.path.isdir(directory):
+        return removed
+    for root, dirs, files in os.walk(directory):
+        for name in list(dirs):
+            if is_temporary(name):
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+                removed.append(os.path.join(root, name))
+                dirs.remove(name)
+        for name in files:
+            if is_temporary(name):
+                os.remove(os.path.join(root, name))
+                removed.append(os.path.join(root, name))
+    return removed
+
+
+@contextmanager
+def directory_lock(directory: str, what: str = "this directory"):
+    """An exclusive lock on `directory` (a `.lock` file, released by the kernel when the
+    process dies, SIGKILL included): a second writer is refused with a clear error."""
+    import fcntl
+    from ekg_tf.errors import UserError
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, ".lock")
+    f = open(path, "a")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"another process is writing {what} ({directory}); wait for it to "
+                            "finish or use another directory") from None
+        yield
+    finally:
+        f.close()

@@ -46,3 +46,25 @@ def save_bar_plot(path: str, labels, series: dict, ylabel: str, title: str = "")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def save_points_plot(path: str, points: dict, xlabel: str, ylabel: str, title: str = ""):
+    """Labelled points ({label: (x, y)}), e.g. accuracy against MACs ratio."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, (x, y) in points.items():
+        ax.scatter([x], [y], s=60, label=label, zorder=3)
+        ax.annotate(f"{y:.3f}", (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0, 1.1)
+    ys = [y for _, y in points.values()]
+    pad = max(0.05, 0.25 * (max(ys) - min(ys)))
+    ax.set_ylim(min(ys) - pad, max(ys) + pad)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
