@@ -278,9 +278,10 @@ def quantize_aware(model, train_data, test_data, workdir, *, epochs: int = 1, st
     Nesterov momentum at `learning_rate` on a `schedule` (cosine | step | constant),
     flips and shifts as augmentation. `mode`: `ekg` (the EKG distillation over `views`
     augmented views at `temperature` from `memory_bank`, the directory of an EKG memory
-    bank whose rows are `train_data`'s images, in order), `float` (the same loss with the
-    float `model` itself as the only teacher), `plain` (cross-entropy), `auto` (ekg with
-    a memory bank, else plain).
+    bank whose rows are `train_data`'s images, in order), `float` (distillation from the
+    float `model` itself on the same augmented images, no label term: the int8 model
+    that agrees most with `model`), `plain` (cross-entropy), `auto` (ekg with a memory
+    bank, else plain).
     The activation ranges start from `calibration_batches` training batches (see
     `ekg_tf.qat.quantize.calibrate_ranges`; 0: tfmot's [-6, 6]).
     The QAT runs in a separate process (tfmot needs tf-keras); `model` is not changed.

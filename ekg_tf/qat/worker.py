@@ -78,46 +78,24 @@ def _arrays(x_path, y_path):
     return ArraySplit(np.load(x_path, mmap_mode="r"), np.load(y_path))
 
 
-class FloatTeacher:
-    """The float network's own logits on the training images [N, C, 1], looked up by
-    example index like a memory bank (mode `float`: QAT learns to reproduce the float
-    network under int8 rounding)."""
-
-    def __init__(self, logits):
-        import tensorflow as tf
-        self.num_examples, self.num_classes = logits.shape
-        self.num_teachers = 1
-        self.logits = tf.constant(logits[:, :, None])
-
-    def tf_lookup(self, indices):
-        import tensorflow as tf
-        return tf.gather(self.logits, indices)
-
-
-def float_teacher(float_model, dcfg, train_arrays, indices, cache: str) -> FloatTeacher:
-    """The float network (BN moving statistics, as deployed) on every training image used,
-    without augmentation; kept in `cache` (.npy, named by the float weights' fingerprint)
-    for a resumed run."""
-    import numpy as np
+def float_distillation_loss(teacher, temperature: float):
+    """Mode `float`: a `Trainer` loss_fn distilling the float network into the QAT model on
+    the very images of the batch (augmented as in training; the float network runs in
+    inference mode beside the student). No label term: QAT learns to compute the float
+    network's function under int8 rounding, not to keep fine-tuning it (with the EKG
+    loss's cross-entropy, 150 steps moved 2.9% of the pruned ResNet-56's test
+    predictions while raising its top-1)."""
     import tensorflow as tf
-    from ekg_tf import data
-    from ekg_tf.utils.io import atomic_path
-    from ekg_tf.utils.progress import ProgressBar
-    if os.path.exists(cache):
-        return FloatTeacher(np.load(cache))
-    fn, n = data.input_fn(dcfg, "train", False, 256, with_index=True, shuffle=False,
-                          drop_remainder=False, arrays=train_arrays, indices=indices)
-    logits = np.zeros((len(train_arrays), int(float_model.outputs[0].shape[-1])), np.float32)
-    predict = tf.function(lambda x: float_model(x, training=False), reduce_retracing=True)
-    bar = ProgressBar(-(-n // 256), desc="float teacher", unit="img")
-    for x, _, index in fn(None):
-        logits[index.numpy()] = predict(x).numpy()
-        bar.update(1, items=len(index))
-    bar.close()
-    with atomic_path(cache) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, logits)
-    return FloatTeacher(logits)
+    from ekg_tf.finetune.distill import kld
+
+    def loss_fn(model, batch, global_batch_size):
+        images, labels = batch[0], tf.cast(batch[1], tf.int32)
+        logits = model(images, training=True)
+        target = tf.stop_gradient(teacher(images, training=False))
+        loss = tf.reduce_sum(kld(target, logits, temperature))
+        return loss / tf.cast(global_batch_size, tf.float32), logits, labels
+
+    return loss_fn
 
 
 def freeze_batch_norm(model) -> list:
@@ -140,7 +118,8 @@ def moving_statistics(bn_layers) -> list:
 
 
 def train_qat(model, float_model, config, job, strategy):
-    """Fine-tunes the QAT `model` (resumable, in `job.out_dir`); returns (FitResult, info)."""
+    """Fine-tunes the QAT `model` (resumable, in `job.out_dir`); `float_model`: the float
+    tf-keras network (mode `float`'s teacher). Returns (FitResult, info)."""
     from ekg_tf import data, train
     from ekg_tf.data.pipeline import steps_per_epoch as count_steps
     from ekg_tf.finetune.distill import make_distillation_loss
@@ -160,10 +139,6 @@ def train_qat(model, float_model, config, job, strategy):
     teachers = None
     if job.mode == "ekg":
         teachers = check_bank(job.bank_dir, n_split, classes)
-    elif job.mode == "float":
-        teachers = float_teacher(float_model, dcfg, train_arrays, indices,
-                                 os.path.join(job.out_dir, "float_teacher_logits-"
-                                              f"{job.float_fingerprint[:16]}.npy"))
     n_train = n_split if indices is None else len(indices)
     batch = int(ft.batch_size or dcfg.batch_size)
     steps_per_epoch = count_steps(n_train, batch)
@@ -171,13 +146,18 @@ def train_qat(model, float_model, config, job, strategy):
         raise UserError(f"{n_train} training images are fewer than one batch of {batch}")
     total_steps = int(ft.steps) or int(ft.epochs) * steps_per_epoch
     epochs = -(-total_steps // steps_per_epoch)
-    views = 1 if job.mode == "plain" else int(ft.views)
+    views = 1 if job.mode in ("plain", "float") else int(ft.views)
+    with cfg.unlocked():
+        cfg.finetune.views = views  # the input pipeline's views (1: images [B, H, W, 3])
     temperature = resolve_temperature(cfg)
     with strategy.scope():
         optimizer = tf_keras_optimizer(optimizer_config(cfg), total_steps)
-    loss_fn = (train.cross_entropy_loss if job.mode == "plain" else
-               make_distillation_loss(temperature, ft.teacher_selection,
-                                      select=job.mode == "ekg"))
+    if job.mode == "plain":
+        loss_fn = train.cross_entropy_loss
+    elif job.mode == "float":
+        loss_fn = float_distillation_loss(float_model, temperature)
+    else:
+        loss_fn = make_distillation_loss(temperature, ft.teacher_selection)
     trainer = train.Trainer(model, optimizer, strategy, batch, float(ft.weight_decay),
                             loss_fn=loss_fn, grad_scale=1.0 / views)
     eval_fn, _ = data.input_fn(dcfg, "test", False, int(dcfg.eval_batch_size),
@@ -203,11 +183,12 @@ def train_qat(model, float_model, config, job, strategy):
                        checkpoint_every=int(cfg.train.checkpoint_every_steps),
                        keep_checkpoints=int(cfg.train.keep_checkpoints),
                        log_every=int(cfg.train.log_every_steps), name="qat")
-    info = {"mode": job.mode, "views": views, "temperature": temperature if views > 1 else None,
+    info = {"mode": job.mode, "views": views,
+            "temperature": None if job.mode == "plain" else temperature,
             "train_images": n_train, "steps": result.steps, "total_steps": total_steps,
             "epochs": round(result.epochs_done, 3), "batch_size": batch,
             "learning_rate": float(ft.learning_rate), "schedule": ft.schedule,
-            "teachers": getattr(teachers, "num_teachers", 0),
+            "teachers": 1 if job.mode == "float" else getattr(teachers, "num_teachers", 0),
             "calibration_batches": int(cfg.qat.calibration_batches),
             "calibrated_ranges": calibrated}
     return result, info
@@ -290,19 +271,20 @@ def run(job) -> dict:
     sample = verify[:64] if verify is not None else np.random.default_rng(0).normal(
         size=(16, *float_model.inputs[0].shape[1:])).astype(np.float32)
 
-    converted = to_tf_keras(float_model)
+    strategy = make_strategy(config.strategy)
+    with strategy.scope():  # the float tf-keras network is also mode float's teacher
+        converted = to_tf_keras(float_model)
     parity = max_rel_diff(float_model(sample, training=False), converted(sample, training=False))
     if not parity <= PARITY_REL_TOL:
         raise RuntimeError(f"the tf-keras conversion computes other logits than the Keras 3 "
                            f"network (max relative diff {parity:.3g} > {PARITY_REL_TOL:g})")
     _log(f"[qat] converted to tf-keras: {len(converted.layers)} layers, logits equal to "
          f"{parity:.2g} (relative)")
-    strategy = make_strategy(config.strategy)
     with strategy.scope():
         qat = quantize_aware_model(converted)
     frozen = freeze_batch_norm(qat) if bool(config.qat.get("freeze_bn", True)) else []
     statistics_before = moving_statistics(frozen)
-    fit_result, info = train_qat(qat, float_model, config, job, strategy)
+    fit_result, info = train_qat(qat, converted, config, job, strategy)
     moved = max((float(np.abs(a - b).max()) for a, b in
                  zip(statistics_before, moving_statistics(frozen))), default=0.0)
 
