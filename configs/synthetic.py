@@ -1,10 +1,10 @@
-"""ResNet-20 on synthetic (generated, not real) images: the unit tests' small config (offline, seconds)."""
+"""ResNet-8 on synthetic (generated, not real) images: the unit tests' small config (offline, seconds)."""
 from ekg_tf.config import base_config
 
 
 def get_config():
     config = base_config()
-    config.model.arch = "resnet20"
+    config.model.arch = "resnet8"
     config.data.source = "synthetic"
     config.data.name = "synthetic"
     config.data.batch_size = 64

@@ -10,7 +10,7 @@ import ml_collections
 
 def model_config():
     return ml_collections.ConfigDict(dict(
-        arch="resnet56",        # built-in: resnet20/32/56/110 (CIFAR), resnet18/34/50 (ImageNet)
+        arch="resnet56",        # built-in: resnet8/20/32/56/110 (CIFAR), resnet18/34/50 (ImageNet)
         # The model: weights of model.arch (.npz/.pkl reference, .weights.h5, checkpoint), or a
         # whole model: "path/model.keras" (safe mode) or "keras.applications.<Name>".
         init="",

@@ -1,4 +1,4 @@
-"""One `Trainer` step of ResNet-20 on a fixed global batch of 16, under any strategy.
+"""One `Trainer` step of ResNet-8 on a fixed global batch of 16, under any strategy.
 
 The replica-equivalence test of test_train (2 logical CPUs) runs this in a subprocess and
 compares with one device running it (two MultiWorkerMirroredStrategy workers are tested
@@ -23,7 +23,7 @@ def one_training_step(strategy):
     y = rng.integers(0, 10, GLOBAL_BATCH)
     keras.utils.set_random_seed(1)
     with strategy.scope():
-        model = build_model("resnet20", 10)
+        model = build_model("resnet8", 10)
         opt = make_optimizer(base_config().train, 100)
     synchronize_batch_norm(model, strategy)  # N replicas: the global batch's statistics
     for layer in model.layers:  # gamma=0 hides the second conv's gradients; make them count

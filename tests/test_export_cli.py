@@ -1,5 +1,5 @@
 """ekg-export CLI: bad inputs give one clear error line and exit 2; a run on the quickstart
-config (synthetic ResNet-20, a random sub-network written as workdir/search/subnet.json)
+config (synthetic ResNet-8, a random sub-network written as workdir/search/subnet.json)
 ends with one JSON line and writes the report."""
 import json
 import os
@@ -36,7 +36,7 @@ def workdir(tmp_path_factory):
     from ekg_tf.models import build_model
     from ekg_tf.subnet import SubnetSpec
     wd = tmp_path_factory.mktemp("cli_workdir")
-    model = GatedModel(build_model("resnet20", 10))
+    model = GatedModel(build_model("resnet8", 10))
     rng = np.random.default_rng(0)
     for g in model.gate_groups:
         g.rank = rng.permutation(g.channels)
@@ -107,7 +107,7 @@ def test_cli_fine_tuned_model_is_timed_against_the_dense_network(workdir, tmp_pa
     from ekg_tf.subnet import SubnetSpec
     wd = tmp_path / "fine_tuned"
     shutil.copytree(workdir / "search", wd / "search")
-    model = GatedModel(build_model("resnet20", 10))
+    model = GatedModel(build_model("resnet8", 10))
     model.base.load_weights(str(workdir / "init.weights.h5"))
     os.makedirs(wd / "finetune")
     slim_model(model, SubnetSpec.from_json(str(wd / "search" / "subnet.json"))).save(

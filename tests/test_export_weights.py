@@ -23,7 +23,7 @@ def setup(tmp_path_factory):
     import synthetic
     config = synthetic.get_config()
     wd = tmp_path_factory.mktemp("weights_wd")
-    model = GatedModel(build_model("resnet20", 10))
+    model = GatedModel(build_model("resnet8", 10))
     rng = np.random.default_rng(0)
     for g in model.gate_groups:
         g.rank = rng.permutation(g.channels)

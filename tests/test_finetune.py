@@ -1,4 +1,4 @@
-"""ekg-finetune end to end on a small problem: ResNet-20, synthetic (generated) images,
+"""ekg-finetune end to end on a small problem: ResNet-8, synthetic (generated) images,
 a sub-network and memory bank written the way ekg-search writes them (SubnetSpec.to_json,
 the search's weights file, `build_memory_bank`).
 
@@ -74,7 +74,7 @@ def make_search_workdir(path, teacher_steps=(0, 1), bank=True, train_size=128):
     config = small_config()
     config.data.synthetic_train_size = train_size
     keras.utils.set_random_seed(0)
-    model = GatedModel(build_model("resnet20", 10, input_shape=(32, 32, 3)))
+    model = GatedModel(build_model("resnet8", 10, input_shape=(32, 32, 3)))
     entries = history_entries(model, np.random.default_rng(0))
     final = entries[-1]
     for g in model.gate_groups:

@@ -27,12 +27,12 @@ SCRIPT = textwrap.dedent("""
     x = rng.normal(size=(48, 32, 32, 3)).astype(np.float32)
     y = rng.integers(0, 10, 48)
     k = rng.normal(size=(48, 10)).astype(np.float32)
-    single = GatedModel(build_model("resnet20", 10))
+    single = GatedModel(build_model("resnet8", 10))
     for bn in batch_norm_layers(single):
         bn.gamma.assign(rng.uniform(0.5, 1.5, bn.gamma.shape).astype(np.float32))
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     with strategy.scope():
-        multi = GatedModel(build_model("resnet20", 10))
+        multi = GatedModel(build_model("resnet8", 10))
     initial = single.get_weights()
     multi.set_weights(initial)
     out = {}
@@ -45,8 +45,8 @@ SCRIPT = textwrap.dedent("""
             ev = SubnetEvaluator(model, x, y, 32, strategy=strat, forward=forward)
             scores, logits = ev.score(k)
             ev.refresh()
-            model.gate_group("block1_1_conv1").rate = 0.3
-            cand = ev.evaluate("block1_1_conv1")
+            model.gate_group("block1_0_conv1").rate = 0.3
+            cand = ev.evaluate("block1_0_conv1")
             out[name][forward] = {"replicas": ev.num_replicas, "logits": logits.tolist(),
                                   "cand": cand.tolist(),
                                   "scores": {n: s.tolist() for n, s in scores.items()}}

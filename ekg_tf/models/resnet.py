@@ -1,6 +1,6 @@
 """The reference's ResNets as plain functional Keras models.
 
-CIFAR ResNet-20/32/56/110 (3x3 stem, stages 16/32/64) and ImageNet
+CIFAR ResNet-8/20/32/56/110 (3x3 stem, stages 16/32/64) and ImageNet
 ResNet-18/34/50 (7x7/2 stem + 3x3/2 max-pool, stages 64..512), as the EKG
 reference builds them: projection shortcuts (1x1 conv + BN) where stride or width
 changes, the last BN of each block starts at gamma = 0, BN epsilon 1e-5 and
@@ -48,6 +48,9 @@ _CIFAR = dict(widths=(16, 32, 64), strides=(1, 2, 2), bottleneck=False, imagenet
 _IMAGENET = dict(widths=(64, 128, 256, 512), strides=(1, 2, 2, 2), imagenet_stem=True)
 
 ARCHS = {
+    # ResNet-8 (one block per stage): the smallest CIFAR ResNet of the family, for tests
+    # and quick experiments.
+    "resnet8": ResNetArch("resnet8", (1, 1, 1), **_CIFAR),
     "resnet20": ResNetArch("resnet20", (3, 3, 3), **_CIFAR),
     "resnet32": ResNetArch("resnet32", (5, 5, 5), **_CIFAR),
     "resnet56": ResNetArch("resnet56", (9, 9, 9), **_CIFAR),
@@ -121,5 +124,5 @@ def build_resnet(arch: str | ResNetArch, num_classes: int, input_shape=None,
 
 
 def build_model(arch: str, num_classes: int, input_shape=None) -> keras.Model:
-    """A built-in ResNet by name ('resnet20'...'resnet110', 'resnet18'/'34'/'50')."""
+    """A built-in ResNet by name ('resnet8'...'resnet110', 'resnet18'/'34'/'50')."""
     return build_resnet(arch, num_classes, input_shape)

@@ -9,7 +9,7 @@
   "imagenet" (downloads, needs network; for another class count the ImageNet
   backbone gets a new GlobalAveragePooling2D + Dense head), or a local
   `.weights.h5` of this very model;
-- otherwise `model.arch` (`resnet20` ... `resnet50`), with `model.init` as weights
+- otherwise `model.arch` (`resnet8` ... `resnet50`), with `model.init` as weights
   (`.npz`/`.pkl` of the reference, `.weights.h5`, a checkpoint) loaded by the caller.
 """
 from __future__ import annotations
