@@ -2,7 +2,8 @@
 
 Not a test module. Both are plain, slimmed networks as the exporter and the QAT take
 them, with non-trivial BN statistics (fresh ones are 0/1 and hide conversion mistakes):
-- `resnet20_slim()`: the built-in ResNet-20 at a random sub-network (random ranks and
+- `resnet8_slim()`: the built-in ResNet-8 (the ResNet family's residual blocks, projection
+  shortcuts and stages at the smallest depth) at a random sub-network (random ranks and
   rates), physically pruned;
 - `depthwise_slim()`: a MobileNet/EfficientNet-style network pruned at random rates:
   depthwise and separable convolutions, a Concatenate, a squeeze-and-excitation
@@ -37,9 +38,9 @@ def _slim(model, seed):
     return slim_model(gated, SubnetSpec.from_model(gated)), gated
 
 
-def resnet20_slim(seed=0):
+def resnet8_slim(seed=0):
     from ekg_tf.models import build_model
-    return _slim(build_model("resnet20", 10), seed)
+    return _slim(build_model("resnet8", 10), seed)
 
 
 def depthwise_model(classes=10):

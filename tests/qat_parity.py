@@ -49,7 +49,7 @@ def parity(model, x, feature_layer):
 
 def main():
     x = qat_models.images(16)
-    result = {"resnet20": parity(qat_models.resnet20_slim()[0], x, "block2_2_relu"),
+    result = {"resnet8": parity(qat_models.resnet8_slim()[0], x, "block2_0_relu"),
               "depthwise": parity(qat_models.depthwise_slim()[0], x, "gap")}
     # Operations recorded by the functional API (x + y, keras.ops.relu) become layers.
     inputs = keras.Input((8, 8, 3))

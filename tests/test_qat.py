@@ -50,16 +50,16 @@ def loaded_tfmot_modules():
 
 # ----------------------------------------------------------------------------- conversion
 def test_tf_keras_conversion_equals_keras3_network():
-    """ResNet-20 and a depthwise/separable/SE network, both slimmed at random rates, and
+    """ResNet-8 and a depthwise/separable/SE network, both slimmed at random rates, and
     Keras operations (x + y, relu): converted to tf-keras, the same logits."""
     result = run_script(os.path.join(TESTS_DIR, "qat_parity.py"))
-    for name in ("resnet20", "depthwise", "ops"):
+    for name in ("resnet8", "depthwise", "ops"):
         r = result[name]
         assert r["inference"] <= CONVERSION_REL_TOL, (name, r)
         assert r["training"] <= TRAINING_REL_TOL, (name, r)
         assert r["weights_equal"], name
         assert r["updated_weights"] <= BN_UPDATE_REL_TOL, (name, r)
-    assert result["resnet20"]["layers"] >= 60
+    assert result["resnet8"]["layers"] >= 30  # stem, 3 blocks, 2 projection shortcuts, head
     assert "'double'" in result["unsupported"] and "Lambda" in result["unsupported"]
 
 
@@ -145,7 +145,7 @@ def test_qat_trains_with_the_memory_bank_and_keeps_the_caller_clean(qat_run):
 # ----------------------------------------------------------------------------- bad inputs
 def _config(**qat):
     from ekg_tf.config import reference_cifar_config
-    config = reference_cifar_config("resnet20", "cifar10")
+    config = reference_cifar_config("resnet8", "cifar10")
     config.qat.update(qat)
     return config
 
