@@ -1,6 +1,6 @@
 """Prune, then quantize: float vs post-training int8 (mse, minmax) vs QAT int8 TFLite.
 
-    ekg-qat --config=configs/cifar10_resnet56.py --workdir=W           # the QAT run (shared lock)
+    ekg-qat --config=configs/cifar10_resnet56.py --workdir=W --config.qat.mode=float  # QAT
     python benchmarks/qat.py --workdir=W    # this table; its latencies want a quiet machine
 
 Reads the QAT run of `W/qat/`: the float network it started from (`float.keras`, the
