@@ -1,5 +1,11 @@
 from setuptools import find_packages, setup
 
+
+def _requirements(path):
+    return [line.strip() for line in open(path)
+            if line.strip() and not line.startswith(("#", "-"))]
+
+
 setup(
     name="ekg_tf",
     version="0.2.0",
@@ -8,8 +14,8 @@ setup(
     packages=find_packages(include=["ekg_tf", "ekg_tf.*"]) + ["ekg_tf.export"],
     package_dir={"ekg_tf.export": "export"},
     python_requires=">=3.10",
-    install_requires=[line.strip() for line in open("requirements.txt")
-                      if line.strip() and not line.startswith(("#", "-"))],
+    install_requires=_requirements("requirements.txt"),
+    extras_require={"qat": _requirements("requirements-qat.txt")},
     entry_points={"console_scripts": [
         "ekg-train=ekg_tf.cli.train:run",
         "ekg-eval=ekg_tf.cli.eval:run",
@@ -17,5 +23,6 @@ setup(
         "ekg-finetune=ekg_tf.cli.finetune:run",
         "ekg-export=ekg_tf.export.cli:run",
         "ekg-prune=ekg_tf.cli.prune:run",
+        "ekg-qat=ekg_tf.cli.qat:run",
     ]},
 )

@@ -46,7 +46,8 @@ _API = {"prune": "ekg_tf.api", "search": "ekg_tf.api", "slim": "ekg_tf.api",
         "export": "ekg_tf.api", "dependency_graph": "ekg_tf.api", "PruneResult": "ekg_tf.api",
         "run_pipeline": "ekg_tf.api", "run_train": "ekg_tf.api", "run_search": "ekg_tf.api",
         "run_finetune": "ekg_tf.api", "run_export": "ekg_tf.api",
-        "SubnetSpec": "ekg_tf.subnet", "GatedModel": "ekg_tf.graph.gated"}
+        "SubnetSpec": "ekg_tf.subnet", "GatedModel": "ekg_tf.graph.gated",
+        "quantize_aware": "ekg_tf.qat"}
 __all__ = sorted(_API)
 
 

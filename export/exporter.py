@@ -37,6 +37,17 @@ from ekg_tf.export import (int8_calibration, onnx_export, report as report_lib, 
 FORMATS = ("saved_model", "tflite", "onnx")
 
 
+@dataclasses.dataclass
+class PrebuiltArtifact:
+    """A TFLite file made elsewhere from the same network (e.g. by quantization-aware
+    training, `ekg_tf.qat`), verified like the converted ones. `source_logits`: the
+    logits on the verification images of the model it was converted from, if that is
+    not the reference (reported as `source_top1_agreement` / `source_max_abs_diff`)."""
+    path: str
+    source_logits: np.ndarray | None = None
+    source: str = ""
+
+
 def check_formats(formats) -> list[str]:
     formats = [f.strip() for f in formats if f.strip()]
     bad = [f for f in formats if f not in FORMATS]
@@ -68,6 +79,7 @@ class ExportRequest:
     latency_runs: int = 20
     threads: int = 2
     dense: keras.Model | None = None  # the unpruned slim model, for latency comparison
+    prebuilt: dict = dataclasses.field(default_factory=dict)  # name -> PrebuiltArtifact (TFLite)
     info: dict = dataclasses.field(default_factory=dict)  # extra report fields (spec, MACs...)
 
 
@@ -281,6 +293,8 @@ def _export_all(req: ExportRequest, progress) -> dict:
         _saved_model_artifact(v, deploy, art_dir, version, fingerprint)
     if "tflite" in formats:
         _tflite_artifacts(v, deploy, art_dir, modes)
+        for name, artifact in req.prebuilt.items():
+            _prebuilt_artifact(v, name, artifact, art_dir)
     if "onnx" in formats:
         _onnx_artifact(v, deploy, art_dir)
 
@@ -299,6 +313,21 @@ def _export_all(req: ExportRequest, progress) -> dict:
     }
     report_lib.write(result, art_dir, also=req.export_dir)
     return result
+
+
+def _prebuilt_artifact(v: _Verification, name, artifact: PrebuiltArtifact, art_dir):
+    """Copies a prebuilt TFLite file into the version's artifacts and verifies it."""
+    path = os.path.join(art_dir, f"model_{name.removeprefix('tflite_')}.tflite")
+    with atomic_path(path) as tmp:
+        shutil.copyfile(artifact.path, tmp)
+    runner = tflite.TFLiteRunner(path, num_threads=v.req.threads)
+    logits = runner.predict(v.x)
+    extra = {"prebuilt_from": os.path.abspath(artifact.path), "source": artifact.source}
+    if artifact.source_logits is not None:
+        own = verify.compare(artifact.source_logits, logits)
+        extra.update(source_top1_agreement=own["top1_agreement"],
+                     source_max_abs_diff=own["max_abs_diff"])
+    v.add(name, "tflite", path, logits, v.lat(runner), extra)
 
 
 def _dense_latency(req: ExportRequest, formats, lat) -> dict:

@@ -113,6 +113,26 @@ def predicted_latency(config, base, spec) -> dict:
                               cache_dir=str(config.search.get("latency_cache", "")))
 
 
+def qat_artifact(workdir: str, slim, log) -> dict:
+    """{"tflite_int8_qat": the ekg-qat TFLite of workdir/qat/} when it was trained from
+    exactly these float weights (else nothing: a stale file is left out, with a note)."""
+    import json
+    from ekg_tf.export import exporter
+    from ekg_tf.qat.job import FILES
+    from ekg_tf.qat.pipeline import ARTIFACT, float_fingerprint
+    path = os.path.join(workdir, "qat", FILES["result"])
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        result = json.load(f)
+    if result.get("float_fingerprint") != float_fingerprint(slim):
+        log(f"[export] {result.get('tflite')} was trained from other float weights: left out "
+            "(re-run ekg-qat)")
+        return {}
+    return {ARTIFACT: exporter.PrebuiltArtifact(
+        result["tflite"], source="ekg-qat: the QAT tf-keras model (fake-quantized)")}
+
+
 def run_export(config, workdir: str, formats=None, quantize=None, weights=None, subnet=None,
                export_dir=None, representative_data=None, log=None) -> dict:
     """Writes and verifies the deployment artifacts of `workdir`; returns the export report
@@ -152,6 +172,7 @@ def run_export(config, workdir: str, formats=None, quantize=None, weights=None, 
         opset=int(ecfg.opset), int8_io=bool(ecfg.int8_io),
         int8_calibration=str(ecfg.int8_calibration), latency_runs=int(ecfg.latency_runs),
         threads=int(ecfg.threads), dense=dense,
+        prebuilt=qat_artifact(workdir, slim, log) if "tflite" in inputs.formats else {},
         info={"arch": spec.arch, "subnet": os.path.abspath(inputs.subnet_path),
               "weights": os.path.abspath(weights_path), "fine_tuned": fine_tuned,
               "bn_recalibrated": not fine_tuned, "macs": pruned.macs, "dense_macs": full.macs,

@@ -110,6 +110,19 @@ def test_r20_chain_parity(r20):
         assert os.path.exists(os.path.join(r20["export_dir"], name))
 
 
+def test_import_and_full_export_do_not_load_tfmot(r20):
+    """ekg_tf imports tfmot / tf-keras only in the QAT worker process (tfmot sets
+    TF_USE_LEGACY_KERAS=1, which would switch this process's tf.keras to Keras 2): after
+    `import ekg_tf`, the QAT caller side and the full r20 export, neither is loaded."""
+    import sys
+    import ekg_tf.export.runner, ekg_tf.pipeline.stages, ekg_tf.qat.pipeline  # noqa: F401
+    assert r20["report"]["status"] == "ok"
+    assert {"saved_model", "tflite_float32", "onnx"} <= set(by_name(r20["report"]))
+    assert [m for m in sys.modules if m.split(".")[0] in
+            ("tensorflow_model_optimization", "tf_keras")] == []
+    assert "TF_USE_LEGACY_KERAS" not in os.environ
+
+
 def test_r20_serving_signature_and_warmup(r20):
     path = by_name(r20["report"])["saved_model"]["path"]
     assert path.endswith(os.path.join("saved_model", "ekg_model", "1"))

@@ -6,8 +6,10 @@
 
 Stages (`--stages`, comma-separated, in this order): train (the dense network; skipped
 by default when config.model.init names weights to prune), search (adaptation, EKG
-search, memory bank), finetune (ensemble-knowledge distillation), export (SavedModel,
-TFLite, ONNX, each verified). Each stage records that it is done with the config keys
+search, memory bank), finetune (ensemble-knowledge distillation), qat (optional, only
+when named: quantization-aware training to a full-int8 TFLite file, verified by the export
+stage as tflite_int8_qat; needs ekg_tf[qat]), export (SavedModel, TFLite, ONNX, each
+verified). Each stage records that it is done with the config keys
 it depends on (`workdir/stages/<stage>.json`): the same command again skips done stages
 and resumes an interrupted one (killed at any moment, it gives the uninterrupted
 result); a changed config for a stage is refused, naming the keys, unless
@@ -27,8 +29,9 @@ from absl import flags  # noqa: E402
 from ekg_tf.cli import common  # noqa: E402
 
 FLAGS = common.define_flags()
-flags.DEFINE_string("stages", None, "Comma-separated stages to run: train,search,finetune,export "
-                    "(default: all, without train when config.model.init is set).")
+flags.DEFINE_string("stages", None, "Comma-separated stages to run: train,search,finetune,"
+                    "[qat,]export (default: all but qat, without train when config.model.init "
+                    "is set).")
 flags.DEFINE_string("overwrite", None, "Comma-separated stages to redo although done (or started) "
                     "with another config; the stages after them are redone too.")
 

@@ -5,6 +5,9 @@ A stage is a library function of (config, workdir) -- the same one its own CLI r
 - `search`: `ekg_tf.subnet_search.pipeline.run_search` (adaptation, EKG search,
   memory bank) into `workdir/search/` and `workdir/memory_bank/`;
 - `finetune`: `ekg_tf.finetune.runner.run_finetune` into `workdir/finetune/`;
+- `qat` (optional, never a default): `ekg_tf.qat.pipeline.run_qat` into `workdir/qat/`
+  (quantization-aware training of the fine-tuned network to a full-int8 TFLite file,
+  which the export stage then verifies as `tflite_int8_qat`; needs `ekg_tf[qat]`);
 - `export`: `ekg_tf.export.runner.run_export` into `workdir/export/`.
 After a `train` stage, the later stages start from its weights (`model.init`).
 
@@ -80,6 +83,13 @@ def _finetune(config, workdir, strategy, log):
     return run_finetune(config, workdir, log=log, strategy=strategy)
 
 
+def _qat(config, workdir, strategy, log):
+    from ekg_tf.qat.pipeline import run_qat
+    # Its own worker process and strategy. A QAT file that fails its tolerance fails the
+    # stage (status "failed": the run stops before export; qat/export/ has the report).
+    return run_qat(config, workdir, log=log)
+
+
 def _export(config, workdir, strategy, log):
     from ekg_tf.export.runner import run_export, summary
     report = run_export(config, workdir, log=log)
@@ -92,6 +102,11 @@ STAGES = (
           _search),
     Stage("finetune", ("model", "data", "search", "finetune", "seed", "train"), ("finetune",),
           True, _finetune),
+    Stage("qat", ("model", "data", "search", "finetune", "seed", "train", "qat",
+                  "export.verify_images", "export.int8_calibration",
+                  "export.representative_images", "export.representative_path",
+                  "export.fold_batch_norm", "export.latency_runs", "export.threads"),
+          ("qat",), False, _qat),
     Stage("export", ("model", "data", "export", "seed", "search.bn_recalibration_images"),
           ("export",), False, _export),
 )

@@ -224,7 +224,8 @@ class _Checkpoints:
     def save(self, step):
         # A finite loss can still leave Inf/NaN weights behind (a huge update): never
         # checkpoint those.
-        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.model.weights):
+        if not all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in self.model.weights
+                   if tf.as_dtype(v.dtype).is_floating):  # integer state (a QAT step counter)
             self.diverged(step, "the weights are no longer finite")
         self.manager.save(checkpoint_number=step)
         if self.chief:
