@@ -28,6 +28,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
+from finetune_throughput import _argv_without  # noqa: E402  (this folder: the same --before split)
 
 
 def make_config(settings):
@@ -82,18 +83,6 @@ def measure(args):
             "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "logit_scale": scale, "max_rel_diff": float(diff.max()) / scale,
             "argmax_agreement": agree}
-
-
-def _argv_without(argv, names):
-    out, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in names:
-            skip = True
-        elif not a.startswith(tuple(n + "=" for n in names)):
-            out.append(a)
-    return out
 
 
 def main():
