@@ -48,6 +48,7 @@ from ekg_tf.subnet_search.memory_bank import MemoryBank, build_memory_bank
 from ekg_tf.slimming import recalibrate_batch_norm, slim_model
 from ekg_tf.subnet import SubnetSpec
 from ekg_tf.utils.cli import UserError
+from ekg_tf.utils.context import attribute_set
 from ekg_tf.utils.io import atomic_path, atomic_write_json
 from ekg_tf.utils.plots import save_line_plot
 from ekg_tf.utils.progress import ProgressBar
@@ -142,14 +143,8 @@ def build_slim(gated, spec, strategy, sync_bn: bool):
 def plain_batch_norm(model):
     """Saved models carry standard (unsynchronised) BN layers."""
     bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
-    saved = [l.synchronized for l in bns]
-    try:
-        for layer in bns:
-            layer.synchronized = False
+    with attribute_set(bns, "synchronized", False):
         yield model
-    finally:
-        for layer, s in zip(bns, saved):
-            layer.synchronized = s
 
 
 def save_keras(model, path: str):

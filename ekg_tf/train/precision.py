@@ -20,6 +20,7 @@ import keras
 
 from ekg_tf.errors import UserError
 from ekg_tf.graph import keras_compat
+from ekg_tf.utils.context import attribute_set
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
@@ -39,14 +40,8 @@ def compute_precision(model, precision: str):
         yield model
         return
     layers = [model] + [l for l in keras_compat.all_layers(model) if l is not model]
-    saved = [l.dtype_policy for l in layers]
-    try:
-        for layer in layers:
-            layer.dtype_policy = precision
+    with attribute_set(layers, "dtype_policy", precision):
         yield model
-    finally:
-        for layer, policy in zip(layers, saved):
-            layer.dtype_policy = policy
 
 
 def wrap_optimizer(optimizer, precision: str):

@@ -1,1 +1,1 @@
-"""Small shared utilities: atomic files, progress bars, CLI output, plots."""
+"""Small shared utilities: atomic files, progress bars, CLI output, plots, context managers."""
