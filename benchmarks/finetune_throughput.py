@@ -1,6 +1,6 @@
 """Steady-state fine-tuning throughput of the published ResNet-56 searched to 0.45 (real data).
 
-    python benchmarks/finetune_throughput.py --search_workdir=/work/runs/r56_045 \
+    python benchmarks/finetune_throughput.py --search_workdir=runs/r56_045 \
         --before=/path/to/a/checkout/of/the/old/code --profile
 
 Each measurement is one real `ekg_tf.finetune.runner.run_finetune` (the `ekg-finetune`
@@ -23,7 +23,7 @@ code: it must have `run_finetune(config, workdir, strategy=...)`); `--before=DIR
 the whole measurement with `--code=DIR` first (in a subprocess) and then with this
 checkout, back to back, and prints both tables with the loss trajectories compared
 (`--loss_rtol`). Precisions the code has no `train.precision` for are skipped.
-Run it under `flock -x /tmp/ekg-cpu.lock` (a quiet machine). Prints tables and, last,
+Run it on a quiet machine (nothing else busy: the timings are the result). Prints tables and, last,
 one JSON line.
 """
 from __future__ import annotations
@@ -257,7 +257,7 @@ def _argv_without(argv, names):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--search_workdir", default="/work/runs/r56_045",
+    ap.add_argument("--search_workdir", required=True,
                     help="workdir of ekg-search (search/ + memory_bank/), read only")
     ap.add_argument("--out", default="/tmp/ekg_finetune_throughput")
     ap.add_argument("--modes", default="ekg,plain")

@@ -1,6 +1,6 @@
 """Memory-bank build time of the published ResNet-56 searched to 0.45 (real CIFAR-10).
 
-    python benchmarks/memory_bank_speed.py --search_workdir=/work/runs/r56_045 \
+    python benchmarks/memory_bank_speed.py --search_workdir=runs/r56_045 \
         --before=/path/to/a/checkout/of/the/old/code
 
 Builds the 5-teacher bank of that search (its `search/history.json` and
@@ -13,7 +13,7 @@ and its ratio to the logits' scale (max |logit|); both banks are stored in float
 (~1e-3 relative). `--config key=value` sets config keys (e.g.
 `search.memory_bank_precision=bfloat16`). `--code=DIR` imports `ekg_tf` from DIR;
 `--before=DIR` first runs the same with `--code=DIR` (a subprocess), back to back.
-Run it under /work/notes/timed (a quiet machine). Prints a table and, last, one JSON line.
+Run it on a quiet machine (nothing else busy: the timings are the result). Prints a table and, last, one JSON line.
 """
 from __future__ import annotations
 
@@ -87,7 +87,8 @@ def measure(args):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--search_workdir", default="/work/runs/r56_045")
+    ap.add_argument("--search_workdir", required=True,
+                    help="workdir of ekg-search (search/ + memory_bank/), read only")
     ap.add_argument("--compare_bank", default="")
     ap.add_argument("--out", default="/tmp/ekg_memory_bank_speed")
     ap.add_argument("--config", action="append", default=[], help="section.key=value")
