@@ -78,7 +78,7 @@ def main():
     from ekg_tf.data import normalize
     from ekg_tf.slimming import fold_batch_norm
     from ekg_tf.export import tflite
-    from ekg_tf.export.exporter import _edge_saved_model
+    from ekg_tf.latency.runtimes import edge_saved_model
     from ekg_tf.export.weights_io import sample_indices
 
     float_model = keras.models.load_model(float_path, compile=False, safe_mode=True)
@@ -93,7 +93,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="ekg-qat-bench-")
     files = {}
     try:
-        edge = _edge_saved_model(fold_batch_norm(float_model), os.path.join(tmp, "edge"))
+        edge = edge_saved_model(fold_batch_norm(float_model), os.path.join(tmp, "edge"))
         blobs = {"tflite float32": (tflite.convert(edge, "none"), None, None)}
         for seed in [int(s) for s in args.seeds.split(",")]:
             rep = normalize(x_train[sample_indices(len(x_train), args.images, seed)],

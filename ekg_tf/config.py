@@ -145,6 +145,12 @@ def qat_config():
         # Training batches that set the activation ranges before QAT (their mean batch
         # [min, max]); 0: tfmot's own start, [-6, 6] moved by a 0.999 moving average
         calibration_batches=8,
+        # How those batches set the ranges: mse (the fraction of the observed [min, max]
+        # with the least int8 round-trip error, as post-training int8; the ranges then stay
+        # fixed through QAT) | minmax (the mean batch [min, max], then tfmot's moving
+        # average). mse: int8 logit RMS error 0.108 vs 0.124 on the pruned ResNet-56
+        # before any training
+        range_calibration="mse",
         # BN keeps the float network's moving statistics (inference mode) during QAT: a
         # short run from a converged network otherwise replaces them with those of a few
         # augmented batches, which moved 12.5% of the pruned ResNet-56's test predictions

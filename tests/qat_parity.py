@@ -47,6 +47,45 @@ def parity(model, x, feature_layer):
     return out
 
 
+def ranges(model, x):
+    """qat.range_calibration on the converted network: `minmax` and `mse` ranges of every
+    activation quantizer, and what a training-mode call does to them with and without
+    `fixed_activation_ranges` (and whether a kernel still gets a gradient)."""
+    import tensorflow as tf
+    from ekg_tf.qat.quantize import calibrate_ranges, fixed_activation_ranges, quantize_aware_model
+
+    def activation_ranges(qat):
+        return {v.name: v.numpy().copy() for v in qat.weights
+                if v.name.split("/")[-1].startswith(("output_m", "post_activation_m"))}
+
+    converted = to_tf_keras(model)
+    batches = [x[:8], x[8:]]
+    out = {}
+    for method in ("minmax", "mse"):
+        qat = quantize_aware_model(converted)
+        out[f"{method}_count"] = calibrate_ranges(qat, batches, method)
+        out[method] = activation_ranges(qat)
+    kernel = next(v for v in qat.trainable_weights if "kernel" in v.name)
+    with fixed_activation_ranges():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(qat(x, training=True) ** 2)
+        out["fixed_grad"] = float(tf.reduce_sum(tf.abs(tape.gradient(loss, kernel))))
+    fixed = activation_ranges(qat)
+    qat(x, training=True)
+    moved = activation_ranges(qat)
+    base = out["mse"]
+    result = {"names": len(base), "count": out["mse_count"],
+              "fixed_max_change": max(float(np.abs(fixed[k] - base[k]).max()) for k in base),
+              "moving_max_change": max(float(np.abs(moved[k] - base[k]).max()) for k in base),
+              "fixed_grad": out["fixed_grad"],
+              # every range holds 0; mse clips the long tails of some tensors
+              "hold_zero": all(float(base[k.replace("max:0", "min:0")].max()) <= 0.0 <=
+                               float(base[k].min()) for k in base if k.endswith("max:0")),
+              "narrower": sum(float(base[k].max()) < 0.99 * float(out["minmax"][k].max())
+                              for k in base if k.endswith("max:0"))}
+    return result
+
+
 def main():
     x = qat_models.images(16)
     result = {"resnet8": parity(qat_models.resnet8_slim()[0], x, "block2_0_relu"),
@@ -57,6 +96,7 @@ def main():
     b = keras.layers.Conv2D(4, 1, name="b")(inputs)
     ops_model = keras.Model(inputs, keras.ops.relu(a + b) * b)
     result["ops"] = parity(ops_model, x[:, :8, :8], "b")
+    result["ranges"] = ranges(qat_models.resnet8_slim()[0], x)
     lam = keras.Model(inputs, keras.layers.Lambda(lambda t: t * 2.0, name="double")(inputs))
     try:
         to_tf_keras(lam)

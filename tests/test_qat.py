@@ -49,10 +49,17 @@ def loaded_tfmot_modules():
 
 
 # ----------------------------------------------------------------------------- conversion
-def test_tf_keras_conversion_equals_keras3_network():
+@pytest.fixture(scope="module")
+def parity_result():
+    """tests/qat_parity.py's measurements (one tf-keras process for the conversion and
+    the range tests)."""
+    return run_script(os.path.join(TESTS_DIR, "qat_parity.py"))
+
+
+def test_tf_keras_conversion_equals_keras3_network(parity_result):
     """ResNet-8 and a depthwise/separable/SE network, both slimmed at random rates, and
     Keras operations (x + y, relu): converted to tf-keras, the same logits."""
-    result = run_script(os.path.join(TESTS_DIR, "qat_parity.py"))
+    result = parity_result
     for name in ("resnet8", "depthwise", "ops"):
         r = result[name]
         assert r["inference"] <= CONVERSION_REL_TOL, (name, r)
@@ -61,6 +68,18 @@ def test_tf_keras_conversion_equals_keras3_network():
         assert r["updated_weights"] <= BN_UPDATE_REL_TOL, (name, r)
     assert result["resnet8"]["layers"] >= 30  # stem, 3 blocks, 2 projection shortcuts, head
     assert "'double'" in result["unsupported"] and "Lambda" in result["unsupported"]
+
+
+def test_mse_ranges_are_calibrated_and_stay_fixed_in_training(parity_result):
+    """qat.range_calibration=mse on ResNet-8's QAT model: every activation range set,
+    holding 0, some clipped below the mean batch maximum; `fixed_activation_ranges` keeps
+    them through a training-mode call (the straight-through gradient still reaches the
+    kernels), which without it moves them (tfmot's moving average)."""
+    r = parity_result["ranges"]
+    assert r["count"] >= 10 and r["names"] == 2 * r["count"], r
+    assert r["hold_zero"] and r["narrower"] >= 1, r
+    assert r["fixed_max_change"] == 0.0 and r["moving_max_change"] > 0.0, r
+    assert r["fixed_grad"] > 0.0, r
 
 
 # ----------------------------------------------------------------------------- QAT end to end
@@ -127,6 +146,7 @@ def test_qat_trains_with_the_memory_bank_and_keeps_the_caller_clean(qat_run):
     assert out["history"] and 0.0 <= out["history"][-1]["top1"] <= 1.0
     assert out["quantized_layers"] >= 10
     assert out["calibrated_ranges"] >= 10 and out["calibration_batches"] == 2
+    assert out["range_calibration"] == "mse"  # the default
     # qat.freeze_bn: the 4 BNs kept the float network's moving statistics through training.
     assert out["frozen_batch_norms"] == 4 and out["frozen_statistics_max_change"] == 0.0
     # The caller's model is untouched and this process never loaded tfmot or tf-keras.
@@ -154,6 +174,7 @@ def _config(**qat):
     ({}, "no search result at"),
     ({"epochs": 0}, "qat.epochs is 0"),
     ({"mode": "int4"}, "unknown qat.mode 'int4'"),
+    ({"range_calibration": "percentile"}, "unknown qat.range_calibration 'percentile'"),
     ({"mode": "ekg"}, "needs the memory bank"),
 ])
 def test_bad_qat_inputs_are_clear_errors(tmp_path, qat, message):

@@ -32,6 +32,7 @@ from ekg_tf.errors import UserError
 from ekg_tf.utils.io import atomic_path, atomic_write_json
 
 MODES = ("auto", "ekg", "float", "plain")
+RANGE_CALIBRATIONS = ("mse", "minmax")  # ekg_tf.qat.quantize.RANGE_METHODS (no tfmot here)
 ARTIFACT = "tflite_int8_qat"
 
 
@@ -46,6 +47,9 @@ def check_settings(config) -> None:
     if int(q.epochs) < 1 and int(q.steps) < 1:
         raise UserError("qat.epochs is 0: quantization-aware training needs at least one "
                         "epoch (set qat.epochs >= 1, or qat.steps >= 1)")
+    if q.get("range_calibration", "mse") not in RANGE_CALIBRATIONS:
+        raise UserError(f"unknown qat.range_calibration {q.range_calibration!r}; choose one "
+                        f"of {RANGE_CALIBRATIONS}")
     if not float(q.learning_rate) > 0:
         raise UserError(f"qat.learning_rate must be > 0, got {q.learning_rate}")
 
@@ -268,6 +272,7 @@ def quantize_aware(model, train_data, test_data, workdir, *, epochs: int = 1, st
                    batch_size: int = 128, learning_rate: float = 1e-3,
                    schedule: str = "cosine", mode: str = "auto", memory_bank=None,
                    temperature: float = 4.0, calibration_batches: int = 8,
+                   range_calibration: str = "mse",
                    views: int = 2, representative_data=None, int8_calibration: str = "mse",
                    latency_runs: int = 20, threads: int = 2, seed: int = 0,
                    log=None) -> QATResult:
@@ -283,7 +288,9 @@ def quantize_aware(model, train_data, test_data, workdir, *, epochs: int = 1, st
     that agrees most with `model`), `plain` (cross-entropy), `auto` (ekg with a memory
     bank, else plain).
     The activation ranges start from `calibration_batches` training batches (see
-    `ekg_tf.qat.quantize.calibrate_ranges`; 0: tfmot's [-6, 6]).
+    `ekg_tf.qat.quantize.calibrate_ranges`; 0: tfmot's [-6, 6]): `range_calibration`
+    `mse` (the int8-error-optimal part of the observed range, kept fixed in training) or
+    `minmax` (the mean batch range, then tfmot's moving average).
     The QAT runs in a separate process (tfmot needs tf-keras); `model` is not changed.
     Returns the TFLite path and its verification report (`test_data` as verification
     images; post-training int8 calibrated on `representative_data`, default 256
@@ -313,7 +320,8 @@ def quantize_aware(model, train_data, test_data, workdir, *, epochs: int = 1, st
     config.seed = int(seed)
     config.qat.update(epochs=int(epochs), steps=int(steps), batch_size=int(batch_size),
                       learning_rate=float(learning_rate), schedule=schedule,
-                      calibration_batches=int(calibration_batches))
+                      calibration_batches=int(calibration_batches),
+                      range_calibration=str(range_calibration))
     check_packages()
     config.finetune.update(temperature=float(temperature), views=int(views))
     config.export.update(int8_calibration=int8_calibration, latency_runs=int(latency_runs),

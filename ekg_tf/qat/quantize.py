@@ -16,13 +16,18 @@ DepthwiseConv2D + BN (+ ReLU) patterns, per-channel conv kernels, SeparableConv2
 into depthwise + pointwise, Add + ReLU fusion, ...). A layer that neither covers is
 refused with its name (`ConversionError`).
 
-`calibrate_ranges(model, batches)` starts every moving-average activation range where
-training would take it. tfmot starts them at [-6, 6] and moves them by an exponential
-moving average of each batch's [min, max] with decay 0.999 and no bias correction, so
-after a short QAT run (390 steps = one CIFAR epoch at batch 128) 68% of the initial
-[-6, 6] is still in every range: a ReLU output keeps a range down to about -4, half
-of its int8 codes unused. Calibration sets each range to the mean over training
-batches of that batch's [min, max] (0 included), the fixed point of the moving average.
+`calibrate_ranges(model, batches, method)` sets every moving-average activation range
+before training. tfmot starts them at [-6, 6] and moves them by an exponential moving
+average of each batch's [min, max] with decay 0.999 and no bias correction, so after a
+short QAT run (390 steps = one CIFAR epoch at batch 128) 68% of the initial [-6, 6] is
+still in every range: a ReLU output keeps a range down to about -4, half of its int8
+codes unused. `minmax` sets each range to the mean over training batches of that
+batch's [min, max] (0 included), the fixed point of the moving average; `mse` to the
+fraction of the observed [min, max] with the least int8 round-trip error of the
+tensor's sampled values (the estimator of post-training int8, `ekg_tf.export.
+int8_calibration`), which clips rare large values. `fixed_activation_ranges()` keeps
+the ranges where calibration put them while the QAT model trains (the moving average
+would pull `mse` ranges back towards the batch [min, max]).
 
 Imports tfmot (which sets TF_USE_LEGACY_KERAS=1): the QAT worker process only.
 """
@@ -163,9 +168,10 @@ def quantize_aware_model(model):
 
 # ----------------------------------------------------------------------------- calibration
 @contextlib.contextmanager
-def _calibrating(record: dict):
+def _calibrating(record: dict, sample=None):
     """Within (eager calls): every MovingAverageQuantizer passes its input through
-    unquantized and records (min var, max var, batch range) instead of moving its range;
+    unquantized and records (min var, max var, batch ranges, sampled values: `sample` of
+    the flattened batch, per-tensor asymmetric quantizers only) instead of moving its range;
     weight (LastValue) and input (AllValues) quantizers take their training-time ranges
     (the current kernel's [min, max]; the inputs seen), which tfmot otherwise sets only
     in the first training step: before it, a kernel is quantized over [-6, 6], which
@@ -184,8 +190,10 @@ def _calibrating(record: dict):
                 1 << self.num_bits)
             batch_min, batch_max = (np.minimum(batch_min, batch_max / ratio),
                                     np.maximum(batch_max, batch_min * ratio))
-        entry = record.setdefault(id(low), (low, high, []))
+        entry = record.setdefault(id(low), (low, high, [], []))
         entry[2].append((np.minimum(batch_min, 0.0), np.maximum(batch_max, 0.0)))
+        if sample is not None and not self.per_axis and not self.symmetric:
+            entry[3].append(sample(inputs.numpy().ravel()))
         return inputs
 
     def training_ranges(cls):
@@ -203,18 +211,52 @@ def _calibrating(record: dict):
             cls.__call__ = call
 
 
-def calibrate_ranges(model, batches) -> int:
+RANGE_METHODS = ("mse", "minmax")
+_SAMPLES_PER_BATCH = 20_000  # values kept per tensor and batch for the `mse` estimator
+
+
+def calibrate_ranges(model, batches, method: str = "minmax", seed: int = 0) -> int:
     """Sets the quantization ranges of a fresh QAT `model` from `batches` (model-ready
     images, the training batch size), in inference mode (BN moving statistics): kernels
     over their [min, max], the input over all values seen, and every moving-average
-    activation range to the mean over the batches of the batch's [min, max] (0 included)
-    of the float tensor it quantizes (the fixed point of tfmot's moving average).
+    activation range (of the float tensor it quantizes) to, by `method`:
+    `minmax`, the mean over the batches of the batch's [min, max] (0 included; the fixed
+    point of tfmot's moving average); `mse`, the fraction of the [min, max] over all
+    batches with the least int8 round-trip error of the tensor's sampled values.
     Returns the number of activation ranges set."""
+    from ekg_tf.export.int8_calibration import mse_range
+    if method not in RANGE_METHODS:
+        raise ValueError(f"unknown range calibration {method!r}; choose from {RANGE_METHODS}")
+    rng = np.random.default_rng(seed)
     record = {}
-    with _calibrating(record):
+    with _calibrating(record, sample=lambda v: v if v.size <= _SAMPLES_PER_BATCH else
+                      rng.choice(v, _SAMPLES_PER_BATCH, replace=False)):
         for images in batches:
             model(tf.constant(images), training=False)
-    for low, high, ranges in record.values():
-        low.assign(np.mean([r[0] for r in ranges], axis=0).reshape(low.shape))
-        high.assign(np.mean([r[1] for r in ranges], axis=0).reshape(high.shape))
+    for low, high, ranges, samples in record.values():
+        lows, highs = [r[0] for r in ranges], [r[1] for r in ranges]
+        if method == "mse" and samples:  # per-tensor ranges (tfmot's activation quantizers)
+            lo, hi = mse_range(np.concatenate(samples), np.min(lows), np.max(highs))
+            lows, highs = [np.full(low.shape, lo)], [np.full(high.shape, hi)]
+        low.assign(np.mean(lows, axis=0).reshape(low.shape))
+        high.assign(np.mean(highs, axis=0).reshape(high.shape))
     return len(record)
+
+
+@contextlib.contextmanager
+def fixed_activation_ranges():
+    """Within (while the training step is traced and run): every MovingAverageQuantizer
+    fake-quantizes over its current range and leaves it there (tfmot's inference path;
+    the straight-through gradient to its input is unchanged), instead of moving it by the
+    moving average of the batch [min, max]."""
+    q = _qk.quantizers.MovingAverageQuantizer
+    original = q.__call__
+
+    def call(self, inputs, training, weights, **kwargs):
+        return original(self, inputs, False, weights, **kwargs)
+
+    q.__call__ = call
+    try:
+        yield
+    finally:
+        q.__call__ = original

@@ -20,6 +20,7 @@ bug and keeps its traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -169,20 +170,25 @@ def train_qat(model, float_model, config, job, strategy):
                                arrays=train_arrays, indices=indices)
         return strategy.distribute_datasets_from_function(fn)
 
-    calibrated = 0
+    from ekg_tf.qat.quantize import fixed_activation_ranges
+    calibrated, method = 0, str(cfg.qat.range_calibration)
     if not tf.train.latest_checkpoint(os.path.join(job.out_dir, "checkpoints")):
         calibrated = calibrate(model, cfg, job.mode, batch, train_arrays, indices)
-        _log(f"[qat] {calibrated} activation ranges calibrated on "
+        _log(f"[qat] {calibrated} activation ranges calibrated ({method}) on "
              f"{int(cfg.qat.calibration_batches)} training batches")
     _log(f"[qat] quantization-aware fine-tuning ({job.mode}, {views} view(s), {n_train} "
          f"images, {total_steps} steps of {batch}, lr {float(ft.learning_rate):g} {ft.schedule})")
-    result = train.fit(trainer, workdir=job.out_dir, make_train_input=make_train_input,
-                       steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                       evaluate_fn=lambda: train.evaluate(model, strategy, eval_fn,
-                                                          eval_step=eval_step),
-                       checkpoint_every=int(cfg.train.checkpoint_every_steps),
-                       keep_checkpoints=int(cfg.train.keep_checkpoints),
-                       log_every=int(cfg.train.log_every_steps), name="qat")
+    # mse: the calibrated ranges stay (tfmot's moving average would pull them back
+    # towards the batch [min, max]); minmax: they start at that moving average's fixed point.
+    ranges = fixed_activation_ranges() if method == "mse" else contextlib.nullcontext()
+    with ranges:
+        result = train.fit(trainer, workdir=job.out_dir, make_train_input=make_train_input,
+                           steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                           evaluate_fn=lambda: train.evaluate(model, strategy, eval_fn,
+                                                              eval_step=eval_step),
+                           checkpoint_every=int(cfg.train.checkpoint_every_steps),
+                           keep_checkpoints=int(cfg.train.keep_checkpoints),
+                           log_every=int(cfg.train.log_every_steps), name="qat")
     info = {"mode": job.mode, "views": views,
             "temperature": None if job.mode == "plain" else temperature,
             "train_images": n_train, "steps": result.steps, "total_steps": total_steps,
@@ -190,6 +196,7 @@ def train_qat(model, float_model, config, job, strategy):
             "learning_rate": float(ft.learning_rate), "schedule": ft.schedule,
             "teachers": 1 if job.mode == "float" else getattr(teachers, "num_teachers", 0),
             "calibration_batches": int(cfg.qat.calibration_batches),
+            "range_calibration": method,
             "calibrated_ranges": calibrated}
     return result, info
 
@@ -211,7 +218,7 @@ def calibrate(model, cfg, mode, batch, train_arrays, indices) -> int:
             x = element[0].numpy()
             yield x.reshape((-1, *x.shape[-3:])) if x.ndim == 5 else x  # views flattened
 
-    return calibrate_ranges(model, images())
+    return calibrate_ranges(model, images(), str(cfg.qat.range_calibration), int(cfg.seed))
 
 
 def to_tflite(model) -> bytes:
