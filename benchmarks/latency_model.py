@@ -78,6 +78,9 @@ def main():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache_dir", default="")
     p.add_argument("--build_only", action="store_true")
+    p.add_argument("--subnets_from", default="",
+                   help="comma-separated subnet.json files (search results) to time "
+                        "instead of random sub-networks")
     args = p.parse_args()
     if not os.path.exists(args.weights):
         sys.exit(f"error: {args.weights} does not exist")
@@ -93,6 +96,15 @@ def main():
     from ekg_tf.weights import load_weights
 
     runtime = Runtime(args.runtime, args.threads)
+    given = []  # search results to time (checked before any table work)
+    if args.subnets_from:
+        from ekg_tf.subnet import SubnetSpec
+        for path in args.subnets_from.split(","):
+            spec = SubnetSpec.from_json(path)
+            if set(spec.round_to.values()) != {args.round_to}:
+                sys.exit(f"error: {path} has round_to {sorted(set(spec.round_to.values()))}, "
+                         f"not --round_to={args.round_to}")
+            given.append(spec)
     gated = GatedModel(build_model("resnet56", 10))
     load_weights(gated, args.weights)
     t0 = time.time()
@@ -119,7 +131,7 @@ def main():
 
     rng = np.random.default_rng(args.seed)
     counter = ComplexityCounter(gated.dependency, round_to=args.round_to)
-    specs = [random_spec(gated, rng, args.round_to) for _ in range(args.subnets)]
+    specs = given or [random_spec(gated, rng, args.round_to) for _ in range(args.subnets)]
     tmp = tempfile.mkdtemp(prefix="ekg-latmodel-")
     load_before = os.getloadavg()[0]
     try:
