@@ -89,6 +89,22 @@ def _tiny_model(size=32, width=64):
     return keras.Model(x, L.Dense(4, name="fc")(y), name="tiny")
 
 
+def test_cells_slower_than_a_wider_cell_are_the_ones_timed_again(tmp_path):
+    """Interference only adds time: a cell more than 10% slower than a cell of its block
+    with every group at least as wide is picked for re-timing, no other (table filled by
+    hand; nothing is timed)."""
+    gated = GatedModel(_tiny_model())
+    model = LatencyModel(gated, Runtime("tflite", 1), 1, str(tmp_path), round_to=32,
+                         build=False)
+    for segment, widths in model.cells():  # 1 ms per 32 channels summed: monotone
+        model.table.put_cell(segment.signature, widths, sum(widths) / 32.0)
+    assert model.slow_cells() == []
+    block = model.segments[1]  # the residual block: (stream, inner) at 32 or 64 each
+    model.table.put_cell(block.signature, (32, 64), 4.5)  # slower than (64, 64) = 4.0
+    model.table.put_cell(block.signature, (64, 32), 4.3)  # within 10% of (64, 64)
+    assert model.slow_cells() == [(block, (32, 64))]
+
+
 @pytest.mark.parametrize("runtime", ["tflite", "onnxruntime"])
 def test_latency_model_times_caches_and_predicts(tmp_path, runtime):
     """Real timings of a tiny model's blocks and networks on the real runtime: predictions

@@ -206,9 +206,11 @@ class Runtime:
 
 
 def time_sessions(sessions: list, x: np.ndarray, runs: int = 20, rounds: int = 5,
-                  warmup: int = 3) -> list[float]:
+                  warmup: int = 3, settle: int = 1) -> list[float]:
     """Median wall ms of each session on `x`, measured in alternating rounds (load changes
-    on a shared machine hit all alike)."""
+    on a shared machine hit all alike). Each turn of a session starts with `settle`
+    untimed runs: the first run after a switch pays for the caches the other session
+    evicted and, in onnxruntime, competes with its still spinning intra-op threads."""
     x = np.ascontiguousarray(x, np.float32)
     for fn in sessions:
         for _ in range(warmup):
@@ -217,8 +219,35 @@ def time_sessions(sessions: list, x: np.ndarray, runs: int = 20, rounds: int = 5
     per_round = max(1, runs // rounds)
     for _ in range(rounds):
         for fn, out in zip(sessions, times):
+            for _ in range(settle if len(sessions) > 1 else 0):
+                fn(x)
             for _ in range(per_round):
                 start = time.perf_counter()
                 fn(x)
                 out.append(1000.0 * (time.perf_counter() - start))
+    return [statistics.median(t) for t in times]
+
+
+def time_alone(openers: list, x: np.ndarray, runs: int = 20, rounds: int = 5,
+               warmup: int = 3) -> list[float]:
+    """Median wall ms of each network, one session alive at a time: every round opens each
+    network's session (`openers`: callables returning one), warms it up, times
+    `runs // rounds` runs and closes it, in alternation (load changes hit all alike). Two
+    live onnxruntime sessions time each other: the idle one's intra-op threads spin-wait
+    on the cores the other one runs on (on this 2-core machine the dense ResNet-56 at batch
+    1, 2 threads, measured 1.26-5.30 ms per pair beside a second live session, 1.23-2.32 ms
+    alone)."""
+    x = np.ascontiguousarray(x, np.float32)
+    times = [[] for _ in openers]
+    per_round = max(1, runs // rounds)
+    for _ in range(rounds):
+        for open_session, out in zip(openers, times):
+            fn = open_session()
+            for _ in range(warmup):
+                fn(x)
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn(x)
+                out.append(1000.0 * (time.perf_counter() - start))
+            del fn
     return [statistics.median(t) for t in times]
