@@ -9,7 +9,7 @@ Transpose nodes before and after onnxruntime's graph optimisation, then times ev
 session setting (graph optimisation level, intra-op threads, execution mode) for both
 networks in alternating rounds (medians of --runs runs after warm-up) at batch 1 and 32.
 Prints a table (pruned/dense ratio per setting next to the MACs ratio) and a JSON line.
-Run it under the exclusive CPU lock (/work/notes/timed): the timings are the evidence.
+Run it on a quiet machine (nothing else busy): the timings are the evidence.
 """
 from __future__ import annotations
 
