@@ -16,26 +16,14 @@ import numpy as np
 SIZE = 32
 
 
-def _randomize(gated, seed):
-    from ekg_tf.slimming import batch_norm_layers
-    rng = np.random.default_rng(seed)
-    for bn in batch_norm_layers(gated):
-        for v in (bn.gamma, bn.beta, bn.moving_mean):
-            v.assign(rng.normal(0, 0.5, v.shape).astype(np.float32))
-        bn.moving_variance.assign(rng.uniform(0.5, 2.0, bn.moving_variance.shape)
-                                  .astype(np.float32))
-    for g in gated.gate_groups:
-        g.rank = rng.permutation(g.channels)
-        g.rate = float(rng.uniform(0.3, 1.0))
-
-
 def _slim(model, seed):
     from ekg_tf.graph.gated import GatedModel
     from ekg_tf.slimming import slim_model
-    from ekg_tf.subnet import SubnetSpec
+    from random_subnets import random_subnet, randomize_batch_norm
     gated = GatedModel(model)
-    _randomize(gated, seed)
-    return slim_model(gated, SubnetSpec.from_model(gated)), gated
+    rng = np.random.default_rng(seed)
+    randomize_batch_norm(gated, rng)
+    return slim_model(gated, random_subnet(gated, rng, min_rate=0.3)), gated
 
 
 def resnet8_slim(seed=0):

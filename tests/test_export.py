@@ -29,7 +29,7 @@ from ekg_tf.data.preprocessing import normalization_for  # noqa: E402
 from ekg_tf.flops import ComplexityCounter  # noqa: E402
 from ekg_tf.graph.gated import GatedModel  # noqa: E402
 from ekg_tf.models import build_model  # noqa: E402
-from ekg_tf.slimming import (batch_norm_layers, fold_batch_norm, recalibrate_batch_norm,  # noqa: E402
+from ekg_tf.slimming import (fold_batch_norm, recalibrate_batch_norm,  # noqa: E402
                          slim_model)
 from ekg_tf.subnet import SubnetSpec  # noqa: E402
 from ekg_tf.errors import UserError  # noqa: E402
@@ -37,6 +37,7 @@ from ekg_tf.export import saved_model as sm, tflite  # noqa: E402
 from ekg_tf.export.exporter import ExportRequest, export_all, resolve_version  # noqa: E402
 from ekg_tf.export.onnx_export import OnnxRunner  # noqa: E402
 from ekg_tf.export.weights_io import load_slim  # noqa: E402
+from random_subnets import random_subnet, randomize_batch_norm  # noqa: E402
 
 CIFAR = dict(normalization=normalization_for("cifar10"))
 FLOAT_REL_TOL = 1e-4
@@ -66,14 +67,8 @@ def saved_model_cli():
 def r20(tmp_path_factory):
     rng = np.random.default_rng(0)
     model = GatedModel(build_model("resnet20", 10))
-    for bn in batch_norm_layers(model):
-        for v in (bn.gamma, bn.beta, bn.moving_mean):
-            v.assign(rng.normal(0, 0.5, v.shape).astype(np.float32))
-        bn.moving_variance.assign(rng.uniform(0.5, 2.0, bn.moving_variance.shape).astype(np.float32))
-    for g in model.gate_groups:
-        g.rank = rng.permutation(g.channels)
-        g.rate = float(rng.uniform(0.1, 1.0))
-    spec = SubnetSpec.from_model(model)
+    randomize_batch_norm(model, rng)
+    spec = random_subnet(model, rng, min_rate=0.1)
     data = synthetic_split(200, 10, 32, seed=5)
     x = normalize(data.x, "cifar10").numpy()
     slim = slim_model(model, spec)

@@ -34,14 +34,11 @@ def workdir(tmp_path_factory):
     """A workdir with a search result and gated weights (random init, random sub-network)."""
     from ekg_tf.graph.gated import GatedModel
     from ekg_tf.models import build_model
-    from ekg_tf.subnet import SubnetSpec
+    from random_subnets import random_subnet
     wd = tmp_path_factory.mktemp("cli_workdir")
     model = GatedModel(build_model("resnet8", 10))
     rng = np.random.default_rng(0)
-    for g in model.gate_groups:
-        g.rank = rng.permutation(g.channels)
-        g.rate = float(rng.uniform(0.3, 1.0))
-    SubnetSpec.from_model(model).to_json(str(wd / "search" / "subnet.json"))
+    random_subnet(model, rng, min_rate=0.3).to_json(str(wd / "search" / "subnet.json"))
     model.base.save_weights(str(wd / "init.weights.h5"))
     return wd
 

@@ -15,6 +15,7 @@ from ekg_tf.slimming import slim_model  # noqa: E402
 from ekg_tf.subnet import SubnetSpec  # noqa: E402
 from ekg_tf.errors import UserError  # noqa: E402
 from ekg_tf.export.weights_io import find_weights, load_slim  # noqa: E402
+from random_subnets import random_subnet  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +26,7 @@ def setup(tmp_path_factory):
     wd = tmp_path_factory.mktemp("weights_wd")
     model = GatedModel(build_model("resnet8", 10))
     rng = np.random.default_rng(0)
-    for g in model.gate_groups:
-        g.rank = rng.permutation(g.channels)
-        g.rate = float(rng.uniform(0.3, 1.0))
-    spec = SubnetSpec.from_model(model)
+    spec = random_subnet(model, rng, min_rate=0.3)
     x = rng.normal(size=(4, 32, 32, 3)).astype(np.float32)
     return config, wd, model, spec, x
 

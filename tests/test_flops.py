@@ -10,7 +10,7 @@ from ekg_tf.flops import ComplexityCounter, count_complexity, layer_macs
 from ekg_tf.graph.gated import GatedModel
 from ekg_tf.models import build_model
 from ekg_tf.slimming import slim_model
-from ekg_tf.subnet import SubnetSpec
+from random_subnets import random_subnet
 
 
 def test_resnet56_numbers():
@@ -41,10 +41,7 @@ def test_random_subnetworks_match_the_slimmed_layers(arch, input_shape):
     counter = ComplexityCounter(gated)
     rng = np.random.default_rng(0)
     for _ in range(2):
-        for g in gated.gate_groups:
-            g.rank = rng.permutation(g.channels)
-            g.rate = float(rng.uniform(0.0, 1.0))
-        spec = SubnetSpec.from_model(gated)
+        spec = random_subnet(gated, rng, min_rate=0.0)
         c = counter.count(spec.rates)
         slim = slim_model(gated, spec)
         assert c.macs == layer_macs(slim)

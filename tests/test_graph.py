@@ -25,6 +25,7 @@ from ekg_tf.graph.rules import BatchNormStep
 from ekg_tf.models.sources import ModelSourceError, application, load_keras_file
 from ekg_tf.slimming import slim_model
 from ekg_tf.subnet import SubnetSpec
+from random_subnets import random_subnet, randomize_batch_norm
 
 SIZE = 32
 
@@ -34,15 +35,6 @@ def close(a, b, rel, what):
     tol = rel * max(1.0, float(np.abs(a).max()))
     diff = float(np.abs(a - b).max())
     assert diff <= tol, f"{what}: max abs diff {diff:.3g} > {tol:.3g}"
-
-
-def randomize_batch_norm(model, rng):
-    """Non-trivial BN statistics (fresh ones are 0/1 and hide slicing mistakes)."""
-    for layer in model._flatten_layers():
-        if isinstance(layer, keras.layers.BatchNormalization):
-            for v in (layer.gamma, layer.beta, layer.moving_mean):
-                v.assign(rng.normal(0, 0.5, v.shape).astype(np.float32))
-            layer.moving_variance.assign(rng.uniform(0.5, 2, v.shape).astype(np.float32))
 
 
 def handmade():
@@ -143,11 +135,7 @@ def test_random_subnetworks_slim_and_count_exactly(case):
     counter = ComplexityCounter(gated)
     assert counter.full.params_with_bn_stats == model.count_params()
     assert counter.full.macs == layer_macs(model)
-    rng = np.random.default_rng(1)
-    for g in gated.gate_groups:
-        g.rank = rng.permutation(g.channels)
-        g.rate = float(rng.uniform(0.05, 1.0))
-    spec = SubnetSpec.from_model(gated)
+    spec = random_subnet(gated, np.random.default_rng(1), min_rate=0.05)
     try:
         slim = slim_model(gated, spec)
         assert {type(l).__module__.split(".")[0] for l in slim.layers} == {"keras"}

@@ -24,10 +24,11 @@ from ekg_tf.data import normalize  # noqa: E402
 from ekg_tf.flops import ComplexityCounter  # noqa: E402
 from ekg_tf.graph.gated import GatedModel  # noqa: E402
 from ekg_tf.models import build_model  # noqa: E402
-from ekg_tf.slimming import (batch_norm_layers, fold_batch_norm, recalibrate_batch_norm,  # noqa: E402
+from ekg_tf.slimming import (fold_batch_norm, recalibrate_batch_norm,  # noqa: E402
                          slim_model)
 from ekg_tf.subnet import SubnetSpec  # noqa: E402
 from ekg_tf.export.subnets import l1_uniform_subnet  # noqa: E402
+from random_subnets import random_subnet, randomize_batch_norm  # noqa: E402
 
 ALLOWED = {"InputLayer", "Conv2D", "BatchNormalization", "ReLU", "Add", "MaxPooling2D",
            "GlobalAveragePooling2D", "Dense"}
@@ -54,15 +55,8 @@ def gated(arch, **kwargs):
 def randomize(model, seed):
     """Random BN parameters/statistics and a random sub-network (ranks and rates)."""
     rng = np.random.default_rng(seed)
-    for bn in batch_norm_layers(model):
-        for v in (bn.gamma, bn.beta, bn.moving_mean):
-            v.assign(rng.normal(0, 0.5, v.shape).astype(np.float32))
-        bn.moving_variance.assign(rng.uniform(0.5, 2.0, bn.moving_variance.shape)
-                                  .astype(np.float32))
-    for g in model.gate_groups:
-        g.rank = rng.permutation(g.channels)
-        g.rate = float(rng.uniform(0.05, 1.0))
-    return SubnetSpec.from_model(model)
+    randomize_batch_norm(model, rng)
+    return random_subnet(model, rng, min_rate=0.05)
 
 
 @pytest.fixture(scope="module")
