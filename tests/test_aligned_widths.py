@@ -19,6 +19,7 @@ from ekg_tf.subnet import SubnetSpec
 from ekg_tf.subnet_search import scoring
 from ekg_tf.subnet_search.evaluator import kept_indices_of
 from ekg_tf.subnet_search.search import EKGSearch, SearchSettings
+from random_subnets import random_subnet
 
 
 def test_kept_count_aligned_and_reference():
@@ -92,10 +93,7 @@ def test_spec_memory_bank_and_slimming_share_the_widths(resnet20, tmp_path):
     rng = np.random.default_rng(3)
     model.set_round_to(8)
     try:
-        for g in model.gate_groups:
-            g.rank = rng.permutation(g.channels)
-            g.rate = float(rng.uniform(0.05, 1.0))
-        spec = SubnetSpec.from_model(model)
+        spec = random_subnet(model, rng, min_rate=0.05)
         spec.to_json(str(tmp_path / "subnet.json"))
         with open(tmp_path / "subnet.json") as f:
             stored = json.load(f)["groups"]

@@ -24,7 +24,6 @@ from ekg_tf.graph.gated import GatedModel, NothingToPruneError
 from ekg_tf.graph.rules import BatchNormStep
 from ekg_tf.models.sources import ModelSourceError, application, load_keras_file
 from ekg_tf.slimming import slim_model
-from ekg_tf.subnet import SubnetSpec
 from random_subnets import random_subnet, randomize_batch_norm
 
 SIZE = 32
@@ -163,11 +162,9 @@ def test_aligned_widths_and_latency_blocks_of_any_model(case):
     rng = np.random.default_rng(2)
     gated.set_round_to(round_to)
     try:
+        spec = random_subnet(gated, rng, min_rate=0.0)
         for g in gated.gate_groups:
-            g.rank = rng.permutation(g.channels)
-            g.rate = float(rng.uniform(0.0, 1.0))
-            assert g.kept % round_to == 0 or g.kept == g.channels
-        spec = SubnetSpec.from_model(gated)
+            assert g.kept % round_to == 0 or g.kept == g.channels, g.name
         slim = slim_model(gated, spec)
         assert ComplexityCounter(gated).count(spec.rates).macs == layer_macs(slim)
         segments = segment_graph(gated.dependency)
