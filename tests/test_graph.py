@@ -77,6 +77,10 @@ MODELS = {
 
 @pytest.fixture(scope="module", params=sorted(MODELS))
 def case(request):
+    # Seeded: the layers' initial weights otherwise follow Keras' global random state, which
+    # depends on what ran before in the worker (one CI run drew a nested-model init whose
+    # masked-vs-sliced BN difference crossed the tolerance).
+    keras.utils.set_random_seed(0)
     rng = np.random.default_rng(0)
     model = MODELS[request.param]()
     randomize_batch_norm(model, rng)
