@@ -7,7 +7,8 @@ Without --subnet the pruned network is the deterministic stand-in of
 uniform block-internal rate lowered until MACs ratio <= 0.45), not a search result.
 All runtimes run the deployment graph (BN folded into the convs), float32, on the
 same real CIFAR-10 images; latency = median (and min) wall time of --runs runs after
-warm-up, dense and pruned measured in alternating blocks.
+warm-up, dense and pruned measured in alternating blocks with one session alive at a
+time (`ekg_tf.latency.runtimes.wall_times_alone`).
 Prints a table (pruned/dense latency ratio next to the MACs ratio) and a JSON line.
 """
 from __future__ import annotations
@@ -23,24 +24,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
-
-
-def interleaved(dense_fn, pruned_fn, x, runs: int, rounds: int = 5):
-    """Wall times (ms) of both networks, measured in alternating blocks so that load
-    changes on a shared machine hit both alike."""
-    import time
-    for fn in (dense_fn, pruned_fn):  # warm-up (tracing, allocation)
-        for _ in range(3):
-            fn(x)
-    times = ([], [])
-    per_round = max(1, runs // rounds)
-    for _ in range(rounds):
-        for fn, out in zip((dense_fn, pruned_fn), times):
-            for _ in range(per_round):
-                start = time.perf_counter()
-                fn(x)
-                out.append(1000.0 * (time.perf_counter() - start))
-    return times
 
 
 def main():
@@ -73,7 +56,7 @@ def main():
     from ekg_tf.export.subnets import l1_uniform_subnet
     from ekg_tf.latency import Runtime
     from ekg_tf.latency.model import ARTIFACTS, cached_predictions
-    from ekg_tf.latency.runtimes import edge_saved_model
+    from ekg_tf.latency.runtimes import edge_saved_model, wall_times_alone
 
     model = GatedModel(build_model("resnet56", 10))
     load_weights(model, args.weights)
@@ -96,7 +79,7 @@ def main():
     tmp = tempfile.mkdtemp(prefix="ekg-bench-")
     rows = []
     try:
-        runners = {}
+        openers = {}  # per network and runtime: opens a session (one is alive at a time)
         for tag, net in (("dense", dense), ("pruned", pruned)):
             folded = fold_batch_norm(net)
             edge = edge_saved_model(folded, os.path.join(tmp, f"{tag}_edge"))
@@ -105,16 +88,18 @@ def main():
                 fh.write(tflite.convert(edge, "none"))
             onx = os.path.join(tmp, f"{tag}.onnx")
             onnx_export.convert(folded, onx)
-            runners[tag] = {
-                "keras": verify.keras_predictor(folded),
-                Runtime("tflite", args.threads).label: tflite.TFLiteRunner(tfl, args.threads),
-                Runtime("onnxruntime", args.threads).label: onnx_export.OnnxRunner(
-                    onx, args.threads),
+            keras_fn = verify.keras_predictor(folded)  # traced once, kept
+            openers[tag] = {
+                "keras": lambda fn=keras_fn: fn,
+                Runtime("tflite", args.threads).label:
+                    lambda p=tfl: tflite.TFLiteRunner(p, args.threads),
+                Runtime("onnxruntime", args.threads).label:
+                    lambda p=onx: onnx_export.OnnxRunner(p, args.threads),
             }
-        for runtime in runners["dense"]:
+        for runtime in openers["dense"]:
             for b in batches:
-                d, q = interleaved(runners["dense"][runtime], runners["pruned"][runtime],
-                                   x[:b], args.runs)
+                d, q = wall_times_alone([openers["dense"][runtime], openers["pruned"][runtime]],
+                                        x[:b], args.runs)
                 rows.append({"runtime": runtime, "batch": b,
                              "dense_ms": float(np.median(d)), "pruned_ms": float(np.median(q)),
                              "dense_min_ms": float(np.min(d)), "pruned_min_ms": float(np.min(q)),

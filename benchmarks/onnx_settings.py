@@ -86,7 +86,7 @@ def main():
     import numpy as np
     from ekg_tf.flops import ComplexityCounter
     from ekg_tf.graph.gated import GatedModel
-    from ekg_tf.latency.runtimes import time_sessions
+    from ekg_tf.latency.runtimes import time_alone
     from ekg_tf.models import build_model
     from ekg_tf.slimming import fold_batch_norm, slim_model
     from ekg_tf.subnet import SubnetSpec
@@ -121,9 +121,10 @@ def main():
             x = rng.normal(size=(b, 32, 32, 3)).astype(np.float32)
             for layout, level, threads, parallel, spinning in settings:
                 xin = np.ascontiguousarray(x.transpose(0, 3, 1, 2)) if layout == "nchw" else x
-                fns = [session(paths[tag, layout], level, threads, parallel, spinning=spinning)
-                       for tag in ("dense", "pruned")]
-                dense_ms, pruned_ms = time_sessions(fns, xin, runs=args.runs, rounds=5)
+                openers = [lambda p=paths[tag, layout]: session(p, level, threads, parallel,
+                                                                spinning=spinning)
+                           for tag in ("dense", "pruned")]
+                dense_ms, pruned_ms = time_alone(openers, xin, runs=args.runs, rounds=5)
                 rows.append({"batch": b, "layout": layout, "level": level, "threads": threads,
                              "mode": "parallel" if parallel else "sequential",
                              "spinning": spinning,

@@ -42,7 +42,7 @@ import numpy as np
 from ekg_tf.flops import group_round_to
 from ekg_tf.graph.gates import aligned_widths, kept_count
 from ekg_tf.latency import segments as segments_lib
-from ekg_tf.latency.runtimes import Runtime, time_sessions
+from ekg_tf.latency.runtimes import Runtime, time_alone
 from ekg_tf.latency.table import LatencyTable
 
 MAX_POINTS = 9        # grid points per group and block at most
@@ -161,7 +161,8 @@ class LatencyModel:
         """Measured latency (median ms) of a plain deployed (BN-folded) Keras model."""
         shape = (self.batch, *(int(d) for d in model.inputs[0].shape[1:]))
         x = np.random.default_rng(0).normal(size=shape).astype(np.float32)
-        return time_sessions([self.runtime.session(model)], x, runs=self.runs)[0]
+        session = self.runtime.session(model)
+        return time_alone([lambda: session], x, runs=self.runs)[0]
 
     def network(self, which: str = "dense"):
         """The unpruned (`dense`) or `narrowest` network as deployed (slimmed, BN folded)."""

@@ -205,49 +205,48 @@ class Runtime:
         return OnnxSession(content, self.threads)
 
 
-def time_sessions(sessions: list, x: np.ndarray, runs: int = 20, rounds: int = 5,
-                  warmup: int = 3, settle: int = 1) -> list[float]:
-    """Median wall ms of each session on `x`, measured in alternating rounds (load changes
-    on a shared machine hit all alike). Each turn of a session starts with `settle`
-    untimed runs: the first run after a switch pays for the caches the other session
-    evicted and, in onnxruntime, competes with its still spinning intra-op threads."""
+def wall_times_alone(openers: list, x: np.ndarray, runs: int = 20, rounds: int = 5,
+                     warmup: int = 3) -> list[list[float]]:
+    """Wall ms of every timed run of each network, one session alive at a time.
+
+    `openers` are callables that open a session (`session(x) -> output`). With several
+    networks, every round opens each network's session, warms it up, times
+    `runs // rounds` runs and closes it, in alternation, so that load changes on a shared
+    machine hit all alike. Two live onnxruntime sessions time each other: the idle one's
+    intra-op threads spin-wait on the cores the other one runs on (on this 2-core machine
+    the dense ResNet-56 at batch 1, 2 threads, measured 1.26-5.30 ms per pair beside a
+    second live session, 1.23-2.32 ms alone). A single network is opened once."""
     x = np.ascontiguousarray(x, np.float32)
-    for fn in sessions:
-        for _ in range(warmup):
-            fn(x)
-    times = [[] for _ in sessions]
     per_round = max(1, runs // rounds)
+    if len(openers) == 1:  # nothing to alternate with
+        fn = openers[0]()
+        _warm_up(fn, x, warmup)
+        return [_timed_runs(fn, x, per_round * rounds)]
+    times = [[] for _ in openers]
     for _ in range(rounds):
-        for fn, out in zip(sessions, times):
-            for _ in range(settle if len(sessions) > 1 else 0):
-                fn(x)
-            for _ in range(per_round):
-                start = time.perf_counter()
-                fn(x)
-                out.append(1000.0 * (time.perf_counter() - start))
-    return [statistics.median(t) for t in times]
+        for open_session, out in zip(openers, times):
+            fn = open_session()
+            _warm_up(fn, x, warmup)
+            out += _timed_runs(fn, x, per_round)
+            del fn  # closed before the next network's session opens
+    return times
+
+
+def _warm_up(fn, x, runs: int):
+    for _ in range(runs):
+        fn(x)
+
+
+def _timed_runs(fn, x, runs: int) -> list[float]:
+    out = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn(x)
+        out.append(1000.0 * (time.perf_counter() - start))
+    return out
 
 
 def time_alone(openers: list, x: np.ndarray, runs: int = 20, rounds: int = 5,
                warmup: int = 3) -> list[float]:
-    """Median wall ms of each network, one session alive at a time: every round opens each
-    network's session (`openers`: callables returning one), warms it up, times
-    `runs // rounds` runs and closes it, in alternation (load changes hit all alike). Two
-    live onnxruntime sessions time each other: the idle one's intra-op threads spin-wait
-    on the cores the other one runs on (on this 2-core machine the dense ResNet-56 at batch
-    1, 2 threads, measured 1.26-5.30 ms per pair beside a second live session, 1.23-2.32 ms
-    alone)."""
-    x = np.ascontiguousarray(x, np.float32)
-    times = [[] for _ in openers]
-    per_round = max(1, runs // rounds)
-    for _ in range(rounds):
-        for open_session, out in zip(openers, times):
-            fn = open_session()
-            for _ in range(warmup):
-                fn(x)
-            for _ in range(per_round):
-                start = time.perf_counter()
-                fn(x)
-                out.append(1000.0 * (time.perf_counter() - start))
-            del fn
-    return [statistics.median(t) for t in times]
+    """Median wall ms of each network (`wall_times_alone`)."""
+    return [statistics.median(t) for t in wall_times_alone(openers, x, runs, rounds, warmup)]
