@@ -10,7 +10,8 @@ vendored). Each (mode, XLA) measurement runs in its own subprocess with
 written for; our Keras 3 is untouched) and runs the reference's own code:
 
 - its `train.py` arguments (imported with `--Knowledge` for mode ekg; its defaults: batch
-  128, 5 teachers, SGD + Nesterov, lr 0.05 schedule, weight decay 1e-4);
+  128, 5 teachers, SGD + Nesterov, lr 0.05, weight decay 1e-4; `train_cifar.py` passes lr
+  0.01 and weight decay 5e-4: the same work per step);
 - its CIFAR-10 input pipeline (`dataloader/CIFAR.build_dataset_providers`: the whole
   training split cached, shuffle, batch, two jittered views per image for mode ekg,
   the memory-bank row of each image, prefetch) under its
@@ -75,6 +76,12 @@ def stream_group(stage: int) -> str:
     return "conv" if stage == 0 else f"block{stage}_0_conv3"
 
 
+def block_index(block: str) -> tuple:
+    """`BasicBlock1.3` -> (1, 3): stage and block of the reference's names."""
+    stage, block = block[len("BasicBlock"):].split(".")
+    return int(stage), int(block)
+
+
 def slimmed_params(published: dict, groups: dict) -> dict:
     """The reference's ResNet (CIFAR) parameters cut to our kept channels.
 
@@ -83,10 +90,10 @@ def slimmed_params(published: dict, groups: dict) -> dict:
     rescaled to the norm of the full kernel (`prune_utils.get_pruned_network`)."""
     kept = {name: np.asarray(g["kept_indices"], np.int64) for name, g in groups.items()}
     layer_io = {"conv": (None, kept["conv"]), "bn": (None, kept["conv"])}
-    blocks = sorted({k.split("/")[0] for k in published if k.startswith("BasicBlock")},
-                    key=lambda b: tuple(int(x) for x in b[len("BasicBlock"):].split(".")))
-    for block in blocks:
-        i, j = (int(x) for x in block[len("BasicBlock"):].split("."))
+    blocks = sorted({block_index(k.split("/")[0]) for k in published
+                     if k.startswith("BasicBlock")})
+    for i, j in blocks:
+        block = f"BasicBlock{i}.{j}"
         stream_in = kept[stream_group(i - 1 if j == 0 and i > 0 else i)]
         stream_out, mid = kept[stream_group(i)], kept[f"block{i}_{j}_conv1"]
         layer_io[f"{block}/conv1"] = (stream_in, mid)
@@ -96,7 +103,7 @@ def slimmed_params(published: dict, groups: dict) -> dict:
         if f"{block}/conv3/kernel:0" in published:
             layer_io[f"{block}/conv3"] = (stream_in, stream_out)
             layer_io[f"{block}/bn3"] = (None, stream_out)
-    last = kept[stream_group(max(int(b[len("BasicBlock"):].split(".")[0]) for b in blocks))]
+    last = kept[stream_group(blocks[-1][0])]
     layer_io["fc"] = (last, None)
 
     out = {}
@@ -260,6 +267,12 @@ def main():
         if not os.path.isfile(os.path.join(opts.reference, path)):
             raise SystemExit(f"--reference={opts.reference}: no {path}; give a checkout of "
                              f"https://github.com/sseung0703/EKG")
+    arch = json.load(open(os.path.join(opts.search_workdir, "search", "subnet.json")))["arch"]
+    if arch != "resnet56":
+        raise SystemExit(f"{opts.search_workdir}: a {arch} search; the reference's weights "
+                         f"here are its ResNet-56 ({opts.published}): give a resnet56 search")
+    if set(opts.xla.split(",")) - {"off", "on"} or set(opts.modes.split(",")) - {"ekg", "plain"}:
+        raise SystemExit("--xla takes off, on or off,on; --modes ekg, plain or ekg,plain")
     os.makedirs(opts.out, exist_ok=True)
     rows = [run_one(opts, mode, xla) for xla in opts.xla.split(",")
             for mode in opts.modes.split(",")]
