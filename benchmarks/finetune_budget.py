@@ -75,11 +75,14 @@ def timed_finetune(config, workdir):
     from ekg_tf.utils.io import atomic_write_json
     path = os.path.join(workdir, "timing.json")
     timing = json.load(open(path)) if os.path.exists(path) else {"runs": []}
-    steps_before = timing["runs"][-1]["steps_after"] if timing["runs"] else 0
     result = run_finetune(config, workdir)
-    if result["steps"] > steps_before:
+    # This invocation's steps (it may have resumed from a checkpoint that an earlier,
+    # killed invocation wrote without reaching this point): its images / the batch.
+    steps_run = round(result["seconds"] * result["images_per_second"]
+                      / int(config.finetune.batch_size or config.data.batch_size))
+    if steps_run > 0:
         timing["runs"].append({"steps_after": result["steps"], "seconds": result["seconds"],
-                               "steps": result["steps"] - steps_before, "time": time.time()})
+                               "steps": steps_run, "time": time.time()})
         atomic_write_json(path, timing)
     steps = sum(r["steps"] for r in timing["runs"])
     seconds = sum(r["seconds"] for r in timing["runs"])
