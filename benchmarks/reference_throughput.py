@@ -49,7 +49,7 @@ Patches (nothing else of the reference is changed):
 TF 2.21 itself forced no change: `tf.optimizers.SGD` is tf-keras' current SGD (TF 2.7/2.8
 had the legacy optimizer: the same update).
 
-Run it on a quiet machine (`/work/notes/timed` here). Prints a table and, last, one JSON line.
+Run it on a quiet machine. Prints a table and, last, one JSON line.
 """
 from __future__ import annotations
 
@@ -245,7 +245,7 @@ def run_one(opts, mode, xla):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference", required=True, help="a checkout of sseung0703/EKG")
-    ap.add_argument("--search_workdir", default="/work/runs/r56_045",
+    ap.add_argument("--search_workdir", required=True,
                     help="workdir of ekg-search (search/subnet.json + memory_bank/), read only")
     ap.add_argument("--published", default=os.path.join(SHARED, "reference",
                                                         "res56_cifar10.npz"))
