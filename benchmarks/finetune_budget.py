@@ -105,6 +105,21 @@ def jpeg_top1(model_path):
     return float(np.mean(np.argmax(logits, 1) == y))
 
 
+def plot_modes(args, runs) -> str:
+    """`<out>/top1_per_epoch.png`: test top-1 (1,000 lossless) per epoch, one line per mode."""
+    from ekg_tf.utils.plots import save_line_plot
+    series = {}
+    for mode, r in runs.items():
+        with open(os.path.join(args.out, mode, "finetune", "finetune_state.json")) as f:
+            history = json.load(f)["history"]
+        series[mode] = [r["top1_before"]] + [e["top1"] for e in history]
+    path = os.path.join(args.out, "top1_per_epoch.png")
+    epochs = range(max(len(v) for v in series.values()))
+    save_line_plot(path, epochs, series, "epoch", "test top-1 (1,000 lossless images)",
+                   f"ResNet-56 searched to 0.45 MACs: {args.epochs} epochs per mode")
+    return path
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--search_workdir", required=True,
@@ -136,6 +151,7 @@ def main():
     for mode, r in runs.items():
         print(f"{mode:<7}{r['top1_before']:>12.4f}{r['top1']:>11.4f}{r['best_top1']:>11.4f}"
               f"{r['jpeg10k_top1']:>14.4f}{r['seconds_per_epoch']:>9.1f}{r['epochs']:>8.2f}")
+    print(f"plot: {plot_modes(args, runs)}")
     keys = ("top1", "best_top1", "top1_before", "jpeg10k_top1", "seconds_per_epoch",
             "train_seconds", "epochs", "steps", "train_images", "teachers", "macs_ratio",
             "params_ratio")
