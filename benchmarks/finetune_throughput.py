@@ -220,10 +220,15 @@ def print_table(label, rows):
               f"{r['seconds_per_step']:>8.3f}{r['median_seconds_per_step']:>8.3f}"
               f"{r['images_per_second']:>8.1f}{r['top1_after']:>11.4f}")
     for r in rows:
-        if r["top_ops"]:
-            print(f"\n{label} {r['mode']} {r['precision']}: top ops (self ms per step, share)")
-            for name, ms, share in r["top_ops"]:
-                print(f"    {name:<36}{ms:>9.1f}{share:>8.1%}")
+        print_top_ops(f"{label} {r['mode']} {r['precision']}", r["top_ops"])
+
+
+def print_top_ops(title, top_ops):
+    """The profile's top ops of one measurement (`profile_top_ops`), if it was profiled."""
+    if top_ops:
+        print(f"\n{title}: top ops (self ms per step, share)")
+        for name, ms, share in top_ops:
+            print(f"    {name:<36}{ms:>9.1f}{share:>8.1%}")
 
 
 def compare_losses(before, after, rtol):

@@ -64,7 +64,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from finetune_throughput import PROFILE_STEPS, profile_top_ops  # noqa: E402
+from finetune_throughput import PROFILE_STEPS, print_top_ops, profile_top_ops  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
@@ -286,10 +286,7 @@ def main():
               f"{r['median_seconds_per_step']:>8.3f}{r['images_per_second']:>8.1f}"
               f"{r['student_batch']:>15}{r['teachers']:>9}{r['first_step_seconds']:>13.1f}")
     for r in rows:
-        if r["top_ops"]:
-            print(f"\nreference {r['mode']} XLA {r['xla']}: top ops (self ms per step, share)")
-            for name, ms, share in r["top_ops"]:
-                print(f"    {name:<36}{ms:>9.1f}{share:>8.1%}")
+        print_top_ops(f"reference {r['mode']} XLA {r['xla']}", r["top_ops"])
     print(json.dumps({"reference": os.path.abspath(opts.reference),
                       "our_macs_ratio": ours["macs_ratio"], "rows": rows}))
 
