@@ -155,6 +155,9 @@ def qat_config():
         # short run from a converged network otherwise replaces them with those of a few
         # augmented batches, which moved 12.5% of the pruned ResNet-56's test predictions
         freeze_bn=True,
+        # Distillation temperature of the QAT loss (modes float and ekg); 0: the
+        # fine-tuning's (finetune.temperature)
+        temperature=0.0,
     ))
 
 

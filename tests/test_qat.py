@@ -175,6 +175,7 @@ def _config(**qat):
     ({"epochs": 0}, "qat.epochs is 0"),
     ({"mode": "int4"}, "unknown qat.mode 'int4'"),
     ({"range_calibration": "percentile"}, "unknown qat.range_calibration 'percentile'"),
+    ({"temperature": -1.0}, "qat.temperature must be >= 0"),
     ({"mode": "ekg"}, "needs the memory bank"),
 ])
 def test_bad_qat_inputs_are_clear_errors(tmp_path, qat, message):

@@ -52,6 +52,9 @@ def check_settings(config) -> None:
                         f"of {RANGE_CALIBRATIONS}")
     if not float(q.learning_rate) > 0:
         raise UserError(f"qat.learning_rate must be > 0, got {q.learning_rate}")
+    if float(q.get("temperature", 0.0)) < 0:
+        raise UserError(f"qat.temperature must be >= 0 (0 = finetune.temperature), got "
+                        f"{q.temperature}")
 
 
 # import name -> pip name of what the worker needs (requirements-qat.txt, ekg_tf[qat])

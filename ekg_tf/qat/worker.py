@@ -54,6 +54,12 @@ def qat_finetune_config(config):
     return cfg
 
 
+def qat_temperature(config) -> float:
+    """qat.temperature, else the fine-tuning's temperature (finetune.temperature or auto)."""
+    from ekg_tf.finetune.runner import resolve_temperature
+    return float(config.qat.get("temperature", 0.0) or 0.0) or resolve_temperature(config)
+
+
 def tf_keras_optimizer(train_cfg, total_steps: int):
     """tf-keras SGD (Nesterov momentum) on the project's learning-rate schedule."""
     import tf_keras
@@ -124,7 +130,7 @@ def train_qat(model, float_model, config, job, strategy):
     from ekg_tf import data, train
     from ekg_tf.data.pipeline import steps_per_epoch as count_steps
     from ekg_tf.finetune.distill import make_distillation_loss
-    from ekg_tf.finetune.runner import (check_bank, optimizer_config, resolve_temperature,
+    from ekg_tf.finetune.runner import (check_bank, optimizer_config,
                                         train_input_fn, train_subset_indices)
     import tensorflow as tf
     from ekg_tf.errors import UserError
@@ -150,7 +156,7 @@ def train_qat(model, float_model, config, job, strategy):
     views = 1 if job.mode in ("plain", "float") else int(ft.views)
     with cfg.unlocked():
         cfg.finetune.views = views  # the input pipeline's views (1: images [B, H, W, 3])
-    temperature = resolve_temperature(cfg)
+    temperature = qat_temperature(cfg)
     with strategy.scope():
         optimizer = tf_keras_optimizer(optimizer_config(cfg), total_steps)
     if job.mode == "plain":
