@@ -33,6 +33,13 @@ MAX_DROP_POINTS = 0.3     # the issue: QAT int8 within 0.3 points of float
 MIN_AGREEMENT = 0.995     # and top-1 agreement >= 99.5%
 
 
+def top2_margins(logits):
+    """Per image, its largest logit minus its second largest (how near a tie it is)."""
+    import numpy as np
+    top2 = np.sort(logits, axis=1)[:, -2:]
+    return top2[:, 1] - top2[:, 0]
+
+
 def timings(runners: dict, x, batches, runs: int, rounds: int) -> dict:
     """{name: {batch<b>: median ms}} with the models taking turns (`rounds` blocks)."""
     out = {name: {b: [] for b in batches} for name in runners}
@@ -111,6 +118,9 @@ def main():
         runners = {name: tflite.TFLiteRunner(path, num_threads=args.threads)
                    for name, path in files.items()}
         rows = []
+        # The flips an int8 model makes sit on the float network's near-ties: their float
+        # margins (largest minus second logit) say how close int8 must get to keep them.
+        margins = top2_margins(ref)
         float_top1 = float(np.mean(ref.argmax(1) == y_test))
         rows.append({"model": "Keras float (pruned, fine-tuned)", "top1": float_top1,
                      "top1_agreement": 1.0, "logit_rms_error": 0.0,
@@ -120,6 +130,8 @@ def main():
             rows.append({"model": name, "top1": float(np.mean(out.argmax(1) == y_test)),
                          "top1_agreement": float(np.mean(out.argmax(1) == ref.argmax(1))),
                          "logit_rms_error": float(np.sqrt(np.mean((out - ref) ** 2))),
+                         "flipped_float_margins": sorted(
+                             round(float(m), 3) for m in margins[out.argmax(1) != ref.argmax(1)]),
                          "size_bytes": os.path.getsize(files[name])})
         latency = timings(runners, x_test[:32], (1, 32), args.runs, args.rounds)
         for row in rows[1:]:
@@ -135,6 +147,9 @@ def main():
           f"{qat_result.get('mode')} mode, {qat_result.get('steps')} steps, lr "
           f"{qat_result.get('learning_rate')} {qat_result.get('schedule')}; LiteRT "
           f"{args.threads} threads, median of {args.runs} runs")
+    print(f"near-ties of the float network: {int(np.sum(margins < 0.2))} images with a top-2 "
+          f"logit margin below 0.2, {int(np.sum(margins < 0.4))} below 0.4 (median "
+          f"{float(np.median(margins)):.2f})")
     print("| model | top-1 | top-1 agreement | logit RMS error | size (KB) | ms b1 | ms b32 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -147,6 +162,8 @@ def main():
           f"{MAX_DROP_POINTS}: {checks['within_0.3_points']}), agreement "
           f"{qat_row['top1_agreement']:.3f} (>= {MIN_AGREEMENT}: "
           f"{checks['agreement_at_least_0.995']})")
+    for r in rows[1:]:
+        print(f"{r['model']}: float margins of its flips {r['flipped_float_margins']}")
     print(json.dumps({"workdir": args.workdir, "float_top1": float_top1, "rows": rows,
                       "checks": checks, "qat": {k: v for k, v in qat_result.items()
                                                 if k != "history"}}))
