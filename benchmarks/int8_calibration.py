@@ -2,12 +2,16 @@
 
     python benchmarks/int8_calibration.py --workdir=runs/r56_ekg [--weights=...] \
         [--seeds=0,1,2] [--images=256]
+    python benchmarks/int8_calibration.py --dense --weights=../shared/reference/res56_cifar10.npz
 
 Takes the sub-network and weights the way `ekg-export` does (workdir/search/subnet.json;
 fine-tuned workdir/finetune/best.keras, else the search's weights with BN statistics
-re-estimated on training images), converts full-int8 TFLite with each calibration on
-several random samples of training images, and runs every model with LiteRT on the
-1,000 lossless CIFAR-10 test images. Prints a table and a JSON line.
+re-estimated on training images), or with `--dense` the unpruned --arch network of
+--weights (the published one: what a converged network gives), converts full-int8 TFLite
+with each calibration on several random samples of training images, and runs every model
+with LiteRT on the 1,000 lossless CIFAR-10 test images. Also counts the float network's
+near-ties (top-2 logit margins below 0.2 and 0.4): the images an int8 model can flip.
+Prints a table and a JSON line.
 """
 from __future__ import annotations
 
@@ -27,7 +31,9 @@ SHARED = os.path.join(os.path.dirname(REPO), "shared")
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--workdir", required=True, help="an ekg-search (and ekg-finetune) workdir")
+    p.add_argument("--workdir", help="an ekg-search (and ekg-finetune) workdir")
+    p.add_argument("--dense", action="store_true", help="the unpruned --arch network of "
+                   "--weights instead of a workdir's sub-network")
     p.add_argument("--weights", default=None, help="default: as ekg-export chooses")
     p.add_argument("--arch", default="resnet56")
     p.add_argument("--train", default=os.path.join(SHARED, "data", "cifar10", "cifar10_train.npz"))
@@ -37,8 +43,10 @@ def main():
     p.add_argument("--images", type=int, default=256, help="calibration images per sample")
     p.add_argument("--recalibration_images", type=int, default=4096)
     args = p.parse_args()
-    subnet = os.path.join(args.workdir, "search", "subnet.json")
-    for path in (subnet, args.train, args.test):
+    if args.dense == bool(args.workdir) or (args.dense and not args.weights):
+        sys.exit("error: give --workdir=W, or --dense with --weights=FILE")
+    subnet = None if args.dense else os.path.join(args.workdir, "search", "subnet.json")
+    for path in (subnet or args.weights, args.train, args.test):
         if not os.path.exists(path):
             sys.exit(f"error: {path} does not exist")
 
@@ -50,10 +58,17 @@ def main():
     from ekg_tf.export import tflite
     from ekg_tf.latency.runtimes import edge_saved_model
     from ekg_tf.export.weights_io import find_weights, load_slim, sample_indices
+    from ekg_tf.models import build_model
+    from ekg_tf.weights import load_weights
 
     config = reference_cifar_config(args.arch, "cifar10")
-    weights, fine_tuned = find_weights(args.workdir, args.weights, "")
-    slim, gated = load_slim(config, SubnetSpec.from_json(subnet), weights)
+    if args.dense:
+        weights, fine_tuned = args.weights, True
+        slim, gated = build_model(args.arch, 10), None
+        load_weights(slim, weights)
+    else:
+        weights, fine_tuned = find_weights(args.workdir, args.weights, "")
+        slim, gated = load_slim(config, SubnetSpec.from_json(subnet), weights)
     with np.load(args.train) as f:
         x_train = f["x"]
     with np.load(args.test) as f:
@@ -63,6 +78,10 @@ def main():
         recalibrate_batch_norm(slim, normalize(x_train[idx], "cifar10").numpy())
     ref = slim.predict(x_test, batch_size=250, verbose=0)
     float_top1 = float(np.mean(ref.argmax(1) == y_test))
+    top2 = np.sort(ref, axis=1)[:, -2:]
+    margins = top2[:, 1] - top2[:, 0]
+    near_ties = {"below_0.2": int(np.sum(margins < 0.2)), "below_0.4": int(np.sum(margins < 0.4)),
+                 "median_margin": float(np.median(margins))}
 
     tmp = tempfile.mkdtemp(prefix="ekg-int8-")
     rows = []
@@ -79,8 +98,11 @@ def main():
                 with open(path, "wb") as f:
                     f.write(blob)
                 out = tflite.TFLiteRunner(path).predict(x_test)
+                flipped = out.argmax(1) != ref.argmax(1)
                 rows.append({"seed": seed, "calibration": calibration,
-                             "top1_agreement": float(np.mean(out.argmax(1) == ref.argmax(1))),
+                             "top1_agreement": float(1.0 - np.mean(flipped)),
+                             "flipped_float_margins": sorted(round(float(m), 3)
+                                                             for m in margins[flipped]),
                              "top1": float(np.mean(out.argmax(1) == y_test)),
                              "logit_rms_error": float(np.sqrt(np.mean((out - ref) ** 2))),
                              "convert_seconds": seconds})
@@ -89,13 +111,19 @@ def main():
 
     print(f"weights: {weights} (fine-tuned: {fine_tuned}); float top-1 {float_top1:.3f} "
           f"on {len(y_test)} test images; {args.images} calibration images per sample")
+    print(f"near-ties of the float network: {near_ties['below_0.2']} images with a top-2 logit "
+          f"margin below 0.2, {near_ties['below_0.4']} below 0.4 (median "
+          f"{near_ties['median_margin']:.2f})")
     print("| seed | calibration | top-1 agreement | int8 top-1 | logit RMS error | convert s |")
     print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
         print(f"| {r['seed']} | {r['calibration']} | {r['top1_agreement']:.3f} | {r['top1']:.3f} "
               f"| {r['logit_rms_error']:.3f} | {r['convert_seconds']:.1f} |")
-    print(json.dumps({"weights": weights, "fine_tuned": fine_tuned, "float_top1": float_top1,
-                      "rows": rows}))
+    for r in rows:
+        print(f"seed {r['seed']} {r['calibration']}: float margins of its flips "
+              f"{r['flipped_float_margins']}")
+    print(json.dumps({"weights": weights, "dense": args.dense, "fine_tuned": fine_tuned,
+                      "float_top1": float_top1, "float_near_ties": near_ties, "rows": rows}))
 
 
 if __name__ == "__main__":
