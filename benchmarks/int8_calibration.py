@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 SHARED = os.path.join(os.path.dirname(REPO), "shared")
+from qat import flips, near_ties, near_ties_line, top2_margins  # noqa: E402  (this folder)
 
 
 def main():
@@ -78,10 +79,8 @@ def main():
         recalibrate_batch_norm(slim, normalize(x_train[idx], "cifar10").numpy())
     ref = slim.predict(x_test, batch_size=250, verbose=0)
     float_top1 = float(np.mean(ref.argmax(1) == y_test))
-    top2 = np.sort(ref, axis=1)[:, -2:]
-    margins = top2[:, 1] - top2[:, 0]
-    near_ties = {"below_0.2": int(np.sum(margins < 0.2)), "below_0.4": int(np.sum(margins < 0.4)),
-                 "median_margin": float(np.median(margins))}
+    margins = top2_margins(ref)
+    ties = near_ties(margins)
 
     tmp = tempfile.mkdtemp(prefix="ekg-int8-")
     rows = []
@@ -98,11 +97,10 @@ def main():
                 with open(path, "wb") as f:
                     f.write(blob)
                 out = tflite.TFLiteRunner(path).predict(x_test)
-                flipped = out.argmax(1) != ref.argmax(1)
+                agreement, flipped_margins = flips(out, ref, margins)
                 rows.append({"seed": seed, "calibration": calibration,
-                             "top1_agreement": float(1.0 - np.mean(flipped)),
-                             "flipped_float_margins": sorted(round(float(m), 3)
-                                                             for m in margins[flipped]),
+                             "top1_agreement": agreement,
+                             "flipped_float_margins": flipped_margins,
                              "top1": float(np.mean(out.argmax(1) == y_test)),
                              "logit_rms_error": float(np.sqrt(np.mean((out - ref) ** 2))),
                              "convert_seconds": seconds})
@@ -111,9 +109,7 @@ def main():
 
     print(f"weights: {weights} (fine-tuned: {fine_tuned}); float top-1 {float_top1:.3f} "
           f"on {len(y_test)} test images; {args.images} calibration images per sample")
-    print(f"near-ties of the float network: {near_ties['below_0.2']} images with a top-2 logit "
-          f"margin below 0.2, {near_ties['below_0.4']} below 0.4 (median "
-          f"{near_ties['median_margin']:.2f})")
+    print(near_ties_line(ties))
     print("| seed | calibration | top-1 agreement | int8 top-1 | logit RMS error | convert s |")
     print("|---:|---|---:|---:|---:|---:|")
     for r in rows:
@@ -123,7 +119,7 @@ def main():
         print(f"seed {r['seed']} {r['calibration']}: float margins of its flips "
               f"{r['flipped_float_margins']}")
     print(json.dumps({"weights": weights, "dense": args.dense, "fine_tuned": fine_tuned,
-                      "float_top1": float_top1, "float_near_ties": near_ties, "rows": rows}))
+                      "float_top1": float_top1, "float_near_ties": ties, "rows": rows}))
 
 
 if __name__ == "__main__":

@@ -40,6 +40,26 @@ def top2_margins(logits):
     return top2[:, 1] - top2[:, 0]
 
 
+def near_ties(margins) -> dict:
+    """How many images a quantized model could flip: top-2 margins below 0.2 and 0.4."""
+    import numpy as np
+    return {"below_0.2": int(np.sum(margins < 0.2)), "below_0.4": int(np.sum(margins < 0.4)),
+            "median_margin": float(np.median(margins))}
+
+
+def near_ties_line(ties: dict) -> str:
+    return (f"near-ties of the float network: {ties['below_0.2']} images with a top-2 logit "
+            f"margin below 0.2, {ties['below_0.4']} below 0.4 (median "
+            f"{ties['median_margin']:.2f})")
+
+
+def flips(out, ref, margins) -> tuple[float, list]:
+    """(top-1 agreement of logits `out` with `ref`, sorted float margins of the flipped images)."""
+    import numpy as np
+    flipped = out.argmax(1) != ref.argmax(1)
+    return float(1.0 - np.mean(flipped)), sorted(round(float(m), 3) for m in margins[flipped])
+
+
 def timings(runners: dict, x, batches, runs: int, rounds: int) -> dict:
     """{name: {batch<b>: median ms}} with the models taking turns (`rounds` blocks)."""
     out = {name: {b: [] for b in batches} for name in runners}
@@ -127,12 +147,11 @@ def main():
                      "size_bytes": os.path.getsize(float_path)})
         for name, runner in runners.items():
             out = runner.predict(x_test)
-            flipped = out.argmax(1) != ref.argmax(1)
+            agreement, flipped_margins = flips(out, ref, margins)
             rows.append({"model": name, "top1": float(np.mean(out.argmax(1) == y_test)),
-                         "top1_agreement": float(1.0 - np.mean(flipped)),
+                         "top1_agreement": agreement,
                          "logit_rms_error": float(np.sqrt(np.mean((out - ref) ** 2))),
-                         "flipped_float_margins": sorted(round(float(m), 3)
-                                                         for m in margins[flipped]),
+                         "flipped_float_margins": flipped_margins,
                          "size_bytes": os.path.getsize(files[name])})
         latency = timings(runners, x_test[:32], (1, 32), args.runs, args.rounds)
         for row in rows[1:]:
@@ -148,11 +167,8 @@ def main():
           f"{qat_result.get('mode')} mode, {qat_result.get('steps')} steps, lr "
           f"{qat_result.get('learning_rate')} {qat_result.get('schedule')}; LiteRT "
           f"{args.threads} threads, median of {args.runs} runs")
-    near_ties = {"below_0.2": int(np.sum(margins < 0.2)), "below_0.4": int(np.sum(margins < 0.4)),
-                 "median_margin": float(np.median(margins))}
-    print(f"near-ties of the float network: {near_ties['below_0.2']} images with a top-2 "
-          f"logit margin below 0.2, {near_ties['below_0.4']} below 0.4 (median "
-          f"{near_ties['median_margin']:.2f})")
+    ties = near_ties(margins)
+    print(near_ties_line(ties))
     print("| model | top-1 | top-1 agreement | logit RMS error | size (KB) | ms b1 | ms b32 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -168,7 +184,7 @@ def main():
     for r in rows[1:]:
         print(f"{r['model']}: float margins of its flips {r['flipped_float_margins']}")
     print(json.dumps({"workdir": args.workdir, "float_top1": float_top1,
-                      "float_near_ties": near_ties, "rows": rows,
+                      "float_near_ties": ties, "rows": rows,
                       "checks": checks, "qat": {k: v for k, v in qat_result.items()
                                                 if k != "history"}}))
 
