@@ -2,6 +2,9 @@
 
     python benchmarks/batch_norm_kernels.py [--batch=256 --reps=15]
 
+Also timed: the forward alone (batch statistics, no gradient), what the search's
+evaluations and the memory bank's teachers run.
+
 Three ways to compute the same thing, each one `tf.function` step timed alone (median of
 `--reps` after 3 warm-up runs): `fused` = `FusedBatchNormV3` (what `ekg_tf.train.fused_bn`
 uses in the fine-tuning step), `padded16` = the fused op on channels zero-padded to a
@@ -44,8 +47,8 @@ def elementwise(x, gamma, beta):
     return tf.nn.batch_normalization(x, mean, var, beta, gamma, 1e-3)
 
 
-def step_ms(bn, shape, reps: int) -> float:
-    """Median ms of one forward + backward of relu(bn(x))."""
+def step_ms(bn, shape, reps: int, backward: bool = True) -> float:
+    """Median ms of one forward (+ backward) of relu(bn(x))."""
     x = tf.Variable(tf.random.normal(shape))
     gamma, beta = tf.Variable(tf.ones(shape[-1:])), tf.Variable(tf.zeros(shape[-1:]))
     dy = tf.random.normal(shape)
@@ -54,6 +57,8 @@ def step_ms(bn, shape, reps: int) -> float:
     def step():
         with tf.GradientTape() as tape:
             y = tf.nn.relu(bn(x, gamma, beta))
+        if not backward:
+            return [y]
         return tape.gradient(y, [x, gamma, beta], output_gradients=dy)
 
     for _ in range(3):
@@ -72,16 +77,21 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     args = ap.parse_args()
     rows = []
-    print(f"{'shape':<22}{'fused ms':>10}{'padded16 ms':>13}{'elementwise ms':>16}")
+    print(f"{'':<22}{'forward + backward':>39}{'forward only':>26}")
+    print(f"{'shape':<22}{'fused ms':>10}{'padded16 ms':>13}{'elementwise ms':>16}"
+          f"{'fused ms':>10}{'elementwise ms':>16}")
     for hw, channels in SHAPES:
         for c in channels:
             shape = (args.batch, hw, hw, c)
             row = {"shape": list(shape)}
             row.update({fn.__name__: step_ms(fn, shape, args.reps)
                         for fn in (fused, padded16, elementwise)})
+            row.update({fn.__name__ + "_forward": step_ms(fn, shape, args.reps, False)
+                        for fn in (fused, elementwise)})
             rows.append(row)
             print(f"{str(shape):<22}{row['fused']:>10.2f}{row['padded16']:>13.2f}"
-                  f"{row['elementwise']:>16.2f}", flush=True)
+                  f"{row['elementwise']:>16.2f}{row['fused_forward']:>10.2f}"
+                  f"{row['elementwise_forward']:>16.2f}", flush=True)
     print(json.dumps({"batch": args.batch, "reps": args.reps, "rows": rows}))
 
 

@@ -65,6 +65,41 @@ def test_fused_batch_norm_equals_keras():
             for f in step.get_concrete_function(fused).graph.as_graph_def().library.function)
 
 
+def test_fused_kernel_only_at_block_widths_on_a_cpu():
+    """Training BN: the fused op at a block width, the compiled batch statistics below it
+    (on a CPU), both equal to Keras': outputs, gradients, moving statistics."""
+    from ekg_tf.train.fused_bn import CPU_CHANNEL_BLOCK, fast_fused_width
+    assert fast_fused_width(32, on_gpu=False) and not fast_fused_width(13, on_gpu=False)
+    assert fast_fused_width(13, on_gpu=True)
+    # one BN at a block width, one below it: only the first runs the fused op
+    inputs = keras.Input((8, 8, 3))
+    x = keras.layers.BatchNormalization()(keras.layers.Conv2D(CPU_CHANNEL_BLOCK, 3, use_bias=False)(inputs))
+    x = keras.layers.BatchNormalization()(keras.layers.Conv2D(7, 3, use_bias=False)(x))
+    model = keras.Model(inputs, x)
+    reference = keras.models.clone_model(model)
+    reference.set_weights(model.get_weights())
+    assert use_fused_batch_norm(model) == 2
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 3)).astype(np.float32)
+    dy = np.random.default_rng(1).normal(size=(4, 4, 4, 7)).astype(np.float32)
+
+    @tf.function
+    def step(m):
+        with tf.GradientTape() as tape:
+            y = m(x, training=True)
+        return y, tape.gradient(y, m.trainable_variables, output_gradients=dy)
+
+    ops = [op.type for op in step.get_concrete_function(model).graph.get_operations()]
+    on_gpu = bool(tf.config.list_logical_devices("GPU"))
+    assert ops.count("FusedBatchNormV3") == (2 if on_gpu else 1)
+    (y, grads), (y_ref, grads_ref) = step(model), step(reference)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-4, atol=1e-5)
+    scale = max(float(np.abs(g).max()) for g in grads_ref)  # some are zero up to rounding
+    for a, b in zip(grads, grads_ref):
+        np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * scale)
+    for a, b in zip(model.non_trainable_weights, reference.non_trainable_weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=b.path)
+
+
 # ----------------------------------------------------------------- two views, one batch
 def _ekg_batch(batch=8, views=2, teachers=3, seed=2):
     rng = np.random.default_rng(seed)
