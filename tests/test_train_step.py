@@ -68,7 +68,7 @@ def test_fused_batch_norm_equals_keras():
 def test_fused_kernel_only_at_block_widths_on_a_cpu():
     """Training BN: the fused op at a block width, the compiled batch statistics below it
     (on a CPU), both equal to Keras': outputs, gradients, moving statistics."""
-    from ekg_tf.train.fused_bn import CPU_CHANNEL_BLOCK, fast_fused_width
+    from ekg_tf.graph.bn_kernels import CPU_CHANNEL_BLOCK, fast_fused_width
     assert fast_fused_width(32, on_gpu=False) and not fast_fused_width(13, on_gpu=False)
     assert fast_fused_width(13, on_gpu=True)
     # one BN at a block width, one below it: only the first runs the fused op

@@ -24,6 +24,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from ekg_tf.graph.bn_kernels import batch_statistics_norm
 from ekg_tf.graph.layout import Layout
 
 IN, OUT = "in", "out"
@@ -54,8 +55,9 @@ class BatchNormStep:
     `m -= (m - batch) * (1 - momentum)`). `sync`: batch statistics of the global
     batch when several replicas run. `record`: a list receiving (node name, mean,
     variance) of every batch-statistics BN (BN re-estimation). `fused`: `batch` mode on
-    one replica runs TensorFlow's fused kernel (FusedBatchNormV3: the same normalisation
-    in one op instead of moments + batch_normalization; the memory bank uses it).
+    one replica runs the fastest kernel for the width (`bn_kernels`: FusedBatchNormV3,
+    the same normalisation in one op, or moments + batch_normalization compiled with
+    XLA; the memory bank uses it).
     """
     mode: str = "inference"
     sync: bool = True
@@ -86,16 +88,12 @@ def _several_replicas(sync: bool) -> bool:
 
 
 def _fused_batch_statistics(x, w, epsilon):
-    """BN with the batch's statistics (biased variance), as one FusedBatchNormV3."""
-    channels = x.shape[-1]
+    """BN with the batch's statistics (biased variance), by the fastest kernel for its
+    width (`bn_kernels`)."""
+    channels = tf.shape(x)[-1]
     gamma = tf.cast(w["gamma"], x.dtype) if "gamma" in w else tf.ones([channels], x.dtype)
     beta = tf.cast(w["beta"], x.dtype) if "beta" in w else tf.zeros([channels], x.dtype)
-    empty = tf.constant([], x.dtype)
-    y, *_ = tf.raw_ops.FusedBatchNormV3(x=x, scale=gamma, offset=beta, mean=empty,
-                                        variance=empty, epsilon=float(epsilon),
-                                        exponential_avg_factor=1.0, data_format="NHWC",
-                                        is_training=True)
-    return y
+    return batch_statistics_norm(x, gamma, beta, epsilon)[0]
 
 
 def _channels_last(layer) -> bool:
