@@ -5,11 +5,13 @@
 Also timed: the forward alone (batch statistics, no gradient), what the search's
 evaluations and the memory bank's teachers run.
 
-Three ways to compute the same thing, each one `tf.function` step timed alone (median of
-`--reps` after 3 warm-up runs): `fused` = `FusedBatchNormV3` (what `ekg_tf.train.fused_bn`
-uses in the fine-tuning step), `padded16` = the fused op on channels zero-padded to a
-multiple of 16 and sliced back, `elementwise` = `tf.nn.moments` + `tf.nn.batch_normalization`
-(Keras 3's BN, and the reference's). The shapes are those of the published ResNet-56
+Four ways to compute the same thing, each one `tf.function` step timed alone (median of
+`--reps` after 3 warm-up runs): `fused` = `FusedBatchNormV3`, `padded16` = the fused op on
+channels zero-padded to a multiple of 16 and sliced back, `elementwise` = `tf.nn.moments`
++ `tf.nn.batch_normalization` (Keras 3's BN, and the reference's), `compiled` = the same
+as one XLA-compiled function (`ekg_tf.graph.bn_kernels.compiled_batch_norm`); and
+`ekg_tf` = what the fine-tuning step and the memory bank run at that width
+(`bn_kernels.batch_statistics_norm`: fused or compiled). The shapes are those of the published ResNet-56
 searched to 0.45 at the EKG step's batch (two views of 128): oneDNN's fused kernel is fast
 only when the channel count is a multiple of the vector width (16 floats with AVX-512).
 Prints a table and, last, one JSON line.
@@ -47,6 +49,16 @@ def elementwise(x, gamma, beta):
     return tf.nn.batch_normalization(x, mean, var, beta, gamma, 1e-3)
 
 
+def compiled(x, gamma, beta):
+    from ekg_tf.graph.bn_kernels import compiled_batch_norm
+    return compiled_batch_norm(x, gamma, beta, tf.constant(1e-3))[0]
+
+
+def ekg_tf(x, gamma, beta):
+    from ekg_tf.graph.bn_kernels import batch_statistics_norm
+    return batch_statistics_norm(x, gamma, beta, 1e-3)[0]
+
+
 def step_ms(bn, shape, reps: int, backward: bool = True) -> float:
     """Median ms of one forward (+ backward) of relu(bn(x))."""
     x = tf.Variable(tf.random.normal(shape))
@@ -77,21 +89,22 @@ def main():
     ap.add_argument("--reps", type=int, default=15)
     args = ap.parse_args()
     rows = []
-    print(f"{'':<22}{'forward + backward':>39}{'forward only':>26}")
-    print(f"{'shape':<22}{'fused ms':>10}{'padded16 ms':>13}{'elementwise ms':>16}"
-          f"{'fused ms':>10}{'elementwise ms':>16}")
+    train, forward = (fused, padded16, elementwise, compiled, ekg_tf), (fused, elementwise,
+                                                                        compiled)
+    print(f"{'ms':<22}" + "forward + backward".center(12 * len(train))
+          + "forward only".center(12 * len(forward)))
+    print(f"{'shape':<22}" + "".join(f"{fn.__name__:>12}" for fn in train + forward))
     for hw, channels in SHAPES:
         for c in channels:
             shape = (args.batch, hw, hw, c)
             row = {"shape": list(shape)}
-            row.update({fn.__name__: step_ms(fn, shape, args.reps)
-                        for fn in (fused, padded16, elementwise)})
+            row.update({fn.__name__: step_ms(fn, shape, args.reps) for fn in train})
             row.update({fn.__name__ + "_forward": step_ms(fn, shape, args.reps, False)
-                        for fn in (fused, elementwise)})
+                        for fn in forward})
             rows.append(row)
-            print(f"{str(shape):<22}{row['fused']:>10.2f}{row['padded16']:>13.2f}"
-                  f"{row['elementwise']:>16.2f}{row['fused_forward']:>10.2f}"
-                  f"{row['elementwise_forward']:>16.2f}", flush=True)
+            print(f"{str(shape):<22}" + "".join(f"{row[fn.__name__]:>12.2f}" for fn in train)
+                  + "".join(f"{row[fn.__name__ + '_forward']:>12.2f}" for fn in forward),
+                  flush=True)
     print(json.dumps({"batch": args.batch, "reps": args.reps, "rows": rows}))
 
 
