@@ -2,18 +2,17 @@
 
     python benchmarks/batch_norm_kernels.py [--batch=256 --reps=15]
 
-Also timed: the forward alone (batch statistics, no gradient), what the search's
-evaluations and the memory bank's teachers run.
-
 Four ways to compute the same thing, each one `tf.function` step timed alone (median of
 `--reps` after 3 warm-up runs): `fused` = `FusedBatchNormV3`, `padded16` = the fused op on
 channels zero-padded to a multiple of 16 and sliced back, `elementwise` = `tf.nn.moments`
 + `tf.nn.batch_normalization` (Keras 3's BN, and the reference's), `compiled` = the same
 as one XLA-compiled function (`ekg_tf.graph.bn_kernels.compiled_batch_norm`); and
 `ekg_tf` = what the fine-tuning step and the memory bank run at that width
-(`bn_kernels.batch_statistics_norm`: fused or compiled). The shapes are those of the published ResNet-56
-searched to 0.45 at the EKG step's batch (two views of 128): oneDNN's fused kernel is fast
-only when the channel count is a multiple of the vector width (16 floats with AVX-512).
+(`bn_kernels.batch_statistics_norm`: fused or compiled). Also timed: the forward alone
+(batch statistics, no gradient), what the memory bank's teachers run. The shapes are those
+of the published ResNet-56 searched to 0.45 at the EKG step's batch (two views of 128):
+oneDNN's fused kernel is fast only when the channel count is a multiple of the vector
+width (16 floats with AVX-512).
 Prints a table and, last, one JSON line.
 """
 from __future__ import annotations

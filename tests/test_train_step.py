@@ -73,7 +73,8 @@ def test_fused_kernel_only_at_block_widths_on_a_cpu():
     assert fast_fused_width(13, on_gpu=True)
     # one BN at a block width, one below it: only the first runs the fused op
     inputs = keras.Input((8, 8, 3))
-    x = keras.layers.BatchNormalization()(keras.layers.Conv2D(CPU_CHANNEL_BLOCK, 3, use_bias=False)(inputs))
+    x = keras.layers.Conv2D(CPU_CHANNEL_BLOCK, 3, use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
     x = keras.layers.BatchNormalization()(keras.layers.Conv2D(7, 3, use_bias=False)(x))
     model = keras.Model(inputs, x)
     reference = keras.models.clone_model(model)

@@ -30,9 +30,10 @@ def _gpu_visible() -> bool:
     return bool(tf.config.list_logical_devices("GPU"))
 
 
-def fast_fused_width(channels: int, on_gpu: bool | None = None) -> bool:
-    """Whether the fused kernel is the faster one at `channels` channels: always on a
-    GPU; on a CPU at multiples of `CPU_CHANNEL_BLOCK`."""
+def fast_fused_width(channels, on_gpu: bool | None = None):
+    """Whether the fused kernel is the faster one at `channels` channels (an int, or a
+    scalar tensor: then a boolean tensor on a CPU): always on a GPU; on a CPU at
+    multiples of `CPU_CHANNEL_BLOCK`."""
     return (_gpu_visible() if on_gpu is None else on_gpu) or channels % CPU_CHANNEL_BLOCK == 0
 
 
@@ -70,8 +71,8 @@ def batch_statistics_norm(x, gamma, beta, epsilon):
     def compiled():
         return compiled_batch_norm(x, gamma, beta, tf.constant(epsilon, x.dtype))
 
-    if _gpu_visible():
-        return fused()
-    if x.shape[-1] is None:
-        return tf.cond(tf.shape(x)[-1] % CPU_CHANNEL_BLOCK == 0, fused, compiled)
-    return fused() if fast_fused_width(int(x.shape[-1]), on_gpu=False) else compiled()
+    channels = tf.shape(x)[-1] if x.shape[-1] is None else int(x.shape[-1])
+    fast = fast_fused_width(channels)  # a bool, or a boolean tensor when not static
+    if isinstance(fast, bool):
+        return fused() if fast else compiled()
+    return tf.cond(fast, fused, compiled)
