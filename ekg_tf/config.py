@@ -100,6 +100,8 @@ def search_config():
         build_memory_bank=True,
         memory_bank_topk=0,     # 0: full logits; k>0: top-k logits per teacher (ImageNet)
         memory_bank_shard_size=10_000,
+        memory_bank_precision="float32",  # the teachers' compute dtype: float32 |
+                                          # mixed_bfloat16 | mixed_float16 (train.precision)
         bn_recalibration_images=4096,   # training images for the BN re-estimation (test eval)
         max_steps=1000,         # stop after this many steps in all (resume with a larger one)
     ))

@@ -208,6 +208,7 @@ def unpruned_teacher(config, workdir, gated, spec, num_examples, train_arrays, l
                           shard_size=int(config.search.memory_bank_shard_size),
                           topk=int(config.search.memory_bank_topk or 0),
                           temperature=resolve_temperature(config), progress=bar,
+                          precision=config.search.memory_bank_precision,
                           extra_meta={"split": "train", "data": config.data.name,
                                       "what": "unpruned network (finetune.mode=kd)"})
     finally:

@@ -94,9 +94,7 @@ class _Forward:
             args, kwargs = node.arguments(values)
             if rule.weighted and (node.index in self._pruned_axes
                                   or isinstance(rule, rules_lib.BatchNormRule)):
-                weights = self._weights(node, cache)
-                return rule.apply(node, args[0], weights, training, bn,
-                                  channel_mask=self._channel_mask(node, cache))
+                return self._apply(node, rule, args[0], training, bn, cache)
             if compat.accepts_training(node.layer):
                 kwargs["training"] = training
             return self._call_plain(node, rule, args, kwargs)
@@ -110,6 +108,21 @@ class _Forward:
 
         return execute(self.graph, feed, call_node, start=start, on_tensor=on_tensor,
                        capture_at=capture_at)
+
+    def _apply(self, node, rule, x, training, bn, cache):
+        """A weighted node on its (cut) weights. In reduced precision (x not float32) the
+        other weights are cast to x's dtype and normalisation computes in float32, its
+        result cast back (what Keras' mixed precision does)."""
+        weights = self._weights(node, cache)
+        mask = self._channel_mask(node, cache)
+        if x.dtype == tf.float32:
+            return rule.apply(node, x, weights, training, bn, channel_mask=mask)
+        if rule.float32_statistics:
+            y = rule.apply(node, tf.cast(x, tf.float32), weights, training, bn,
+                           channel_mask=mask)
+            return tf.cast(y, x.dtype)
+        weights = {name: tf.cast(w, x.dtype) for name, w in weights.items()}
+        return rule.apply(node, x, weights, training, bn, channel_mask=mask)
 
     def _call_plain(self, node, rule, args, kwargs):
         return node.layer(*args, **kwargs)

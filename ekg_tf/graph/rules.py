@@ -114,6 +114,7 @@ class Rule:
     exit = False
     zero_preserving = False
     weighted = False          # per-channel weights: apply/rebuild/weight_axes below
+    float32_statistics = False  # normalisation: computes in float32 in mixed precision
     produces = False          # its outputs are new channels (conv, dense)
 
     def problem(self, node, ins, ctx) -> str | None:
@@ -502,6 +503,7 @@ class SeparableRule(ConvRule):
 
 class BatchNormRule(Weighted):
     exit = False
+    float32_statistics = True
 
     def problem(self, node, ins, ctx):
         layer = node.layer
@@ -546,6 +548,7 @@ class BatchNormRule(Weighted):
 class LayerNormRule(Weighted):
     """LayerNormalization over the channel axis; statistics over the kept channels."""
     exit = False
+    float32_statistics = True
 
     def problem(self, node, ins, ctx):
         layer = node.layer

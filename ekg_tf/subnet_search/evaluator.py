@@ -27,11 +27,13 @@ from __future__ import annotations
 from ekg_tf.errors import UserError
 import collections
 
+import keras
 import numpy as np
 import tensorflow as tf
 
 from ekg_tf.distribute import relaxed_spec
 from ekg_tf.graph.rules import BatchNormStep
+from ekg_tf.train.precision import check_precision, compute_precision
 from ekg_tf.subnet_search.objective import objective_sum_tf
 
 FORWARDS = ("sliced", "masked")
@@ -309,16 +311,21 @@ class SubnetEvaluator:
 
 
 # --------------------------------------------------------------------------- plain evaluation
-def subnet_logits_fn(model, sync_bn: bool = False):
-    """`fn(images, kept)`: logits of a gated clone's sub-network at its real width, given
-    every group's kept indices (a tuple in `model.gate_groups` order), BN with batch
-    statistics (the fused kernel); one trace for all widths (the memory bank's teachers)."""
+def subnet_logits_fn(model, sync_bn: bool = False, precision: str = "float32"):
+    """`fn(images, kept)`: float32 logits of a gated clone's sub-network at its real width,
+    given every group's kept indices (a tuple in `model.gate_groups` order), BN with batch
+    statistics (the fused kernel); one trace for all widths (the memory bank's teachers).
+    `precision` (`train.precision`'s names): mixed_bfloat16 / mixed_float16 compute the
+    layers in that dtype from the float32 weights, normalisation in float32."""
     names = [g.name for g in model.gate_groups]
+    compute_dtype = keras.DTypePolicy(check_precision(precision)).compute_dtype
 
     def body(x, kept):
-        outputs, _ = model.sliced.run(x, dict(zip(names, kept)),
-                                      BatchNormStep("batch", sync=sync_bn, fused=True), False)
-        return outputs[0]
+        with compute_precision(model.base, precision):  # the Keras layers the graph calls
+            outputs, _ = model.sliced.run(tf.cast(x, compute_dtype), dict(zip(names, kept)),
+                                          BatchNormStep("batch", sync=sync_bn, fused=True),
+                                          False)
+        return tf.cast(outputs[0], tf.float32)
 
     fn = tf.function(body, autograph=False, reduce_retracing=True)
     rank = len(model.base.inputs[0].shape)

@@ -45,6 +45,7 @@ import numpy as np
 import tensorflow as tf
 
 from ekg_tf.errors import UserError
+from ekg_tf.train.precision import check_precision
 from ekg_tf.utils.io import atomic_path, atomic_write_json
 
 FORMAT = "ekg-memory-bank-v1"
@@ -156,9 +157,11 @@ class _ShardWriter:
         return sorted(int(s) for s in self.buffers)
 
 
-def _teacher_logits_fn(model, teachers, sliced: bool):
+def _teacher_logits_fn(model, teachers, sliced: bool, precision: str):
     """images -> float32 [B, classes, teachers] (each teacher at its real width when
-    `sliced`; otherwise the model's masks are set per teacher)."""
+    `sliced`, computed in `precision`; otherwise the model's masks are set per teacher)."""
+    if not sliced and precision != "float32":
+        raise ValueError("a memory bank in reduced precision runs the sliced forward")
     num_classes, t_count = int(model.num_classes), len(teachers)
     groups = {g.name: g for g in model.gate_groups}
 
@@ -171,7 +174,7 @@ def _teacher_logits_fn(model, teachers, sliced: bool):
                           autograph=False)
     if sliced:  # each teacher at its real width: cost in proportion to its MACs
         from ekg_tf.subnet_search.evaluator import kept_indices_of, subnet_logits_fn
-        slim = subnet_logits_fn(model)
+        slim = subnet_logits_fn(model, precision=precision)
         kept = [kept_indices_of(model, e) for e in teachers]
 
     def logits(images):
@@ -191,13 +194,16 @@ def _teacher_logits_fn(model, teachers, sliced: bool):
 def build_memory_bank(model, teachers: list, batches, num_examples: int, out_dir: str,
                       shard_size: int = 10_000, topk: int = 0, temperature: float = 4.0,
                       progress=None, extra_meta: dict | None = None,
-                      sliced: bool = True) -> dict:
+                      sliced: bool = True, precision: str = "float32") -> dict:
     """Computes and writes the teachers' logits; returns the meta dict.
 
     teachers: history entries (dicts with 'rates', 'ranks', 'loss', 'step'), teacher 0 first.
     batches: iterable of (images, labels, index) in split order (images normalised,
     no augmentation). `sliced`: run each teacher at its real width (same logits, faster);
     otherwise the model's masks are set per teacher (callers restore them).
+    `precision` (`search.memory_bank_precision`, `train.precision`'s names): the dtype the
+    teachers compute in (mixed_bfloat16: bfloat16 layers from the float32 weights; the
+    logits are stored in float16 whatever it is).
     """
     if not teachers:
         raise ValueError("build_memory_bank needs at least one teacher")
@@ -213,7 +219,8 @@ def build_memory_bank(model, teachers: list, batches, num_examples: int, out_dir
     if os.path.exists(meta_path):
         os.remove(meta_path)  # rebuilding: the bank is incomplete until meta.json is back
     num_shards = -(-num_examples // shard_size)
-    teacher_logits = _teacher_logits_fn(model, teachers, sliced)
+    precision = check_precision(precision, "search.memory_bank_precision")
+    teacher_logits = _teacher_logits_fn(model, teachers, sliced, precision)
     writer = _ShardWriter(out_dir, num_examples, num_classes, t_count, shard_size, topk,
                           temperature)
     t0 = time.time()
@@ -243,7 +250,7 @@ def build_memory_bank(model, teachers: list, batches, num_examples: int, out_dir
     meta = {"format": FORMAT, "num_examples": int(num_examples), "num_classes": num_classes,
             "num_teachers": t_count, "topk": topk, "temperature": float(temperature),
             "shard_size": int(shard_size), "num_shards": int(num_shards),
-            "dtype": "float16",
+            "dtype": "float16", "precision": precision,
             "bytes_per_image": bytes_per_image(num_classes, t_count, topk),
             "total_bytes": int(sum(os.path.getsize(os.path.join(out_dir, f))
                                    for f in os.listdir(out_dir) if f.endswith(".npy"))),

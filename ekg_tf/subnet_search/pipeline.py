@@ -121,7 +121,8 @@ def _memory_bank(model, config, workdir, history, log) -> dict:
     try:
         bank = MemoryBank.open(bank_dir)
         same = ([t["step"] for t in bank.meta["teachers"]] == [t["step"] for t in teachers]
-                and bank.num_examples == n and bank.topk == int(s.memory_bank_topk or 0))
+                and bank.num_examples == n and bank.topk == int(s.memory_bank_topk or 0)
+                and bank.meta.get("precision", "float32") == s.memory_bank_precision)
         if same:
             log(f"memory bank in {bank_dir} is complete; reusing it")
             return bank.meta
@@ -136,6 +137,7 @@ def _memory_bank(model, config, workdir, history, log) -> dict:
                              shard_size=int(s.memory_bank_shard_size),
                              topk=int(s.memory_bank_topk or 0),
                              temperature=resolve_temperature(config), progress=bar,
+                             precision=s.memory_bank_precision,
                              extra_meta={"split": "train", "data": config.data.name})
     bar.close()
     return meta

@@ -8,9 +8,10 @@ mixed_float16 adds Keras' dynamic loss scaling (`LossScaleOptimizer`: a step who
 gradients are not finite is skipped and the scale halved); bfloat16 has float32's
 exponent range and needs none.
 
-Only the training step computes in reduced precision: `compute_precision(model, p)` sets
-the layers' policies while the step is traced and restores float32 after, so evaluation,
-BN re-estimation, saved `.keras` files and exports stay float32.
+Only the training step (and, with `search.memory_bank_precision`, the memory bank's
+teachers) computes in reduced precision: `compute_precision(model, p)` sets the layers'
+policies while the step is traced and restores float32 after, so evaluation, BN
+re-estimation, saved `.keras` files and exports stay float32.
 """
 from __future__ import annotations
 
@@ -25,10 +26,12 @@ from ekg_tf.utils.context import attribute_set
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 
 
-def check_precision(precision: str) -> str:
+def check_precision(precision: str, key: str = "train.precision") -> str:
+    """`precision` if it is one of PRECISIONS (None/empty: float32); else a UserError
+    naming the config `key`."""
     precision = str(precision or "float32")
     if precision not in PRECISIONS:
-        raise UserError(f"unknown train.precision {precision!r}; choose one of {PRECISIONS}")
+        raise UserError(f"unknown {key} {precision!r}; choose one of {PRECISIONS}")
     return precision
 
 
