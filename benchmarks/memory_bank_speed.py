@@ -9,9 +9,10 @@ ekg-search does (`ekg_tf.subnet_search.pipeline._memory_bank`, the reference CIF
 config: data.eval_batch_size 256, shard size 10,000) into `<out>/<label>/`, times it,
 and compares its logits with the bank of `--compare_bank` (default: the search
 workdir's own `memory_bank/`, written by the code of that search): max |difference|
-and its ratio to the logits' scale (max |logit|); both banks are stored in float16
-(~1e-3 relative). `--config key=value` sets config keys (e.g.
-`search.memory_bank_precision=bfloat16`). `--code=DIR` imports `ekg_tf` from DIR;
+and its ratio to the logits' scale (max |logit|), argmax agreement, and the KL divergence
+of the distillation targets (softmax at the bank's temperature) per image and teacher;
+both banks are stored in float16 (~1e-3 relative). `--config key=value` sets config keys (e.g.
+`search.memory_bank_precision=mixed_bfloat16`). `--code=DIR` imports `ekg_tf` from DIR;
 `--before=DIR` first runs the same with `--code=DIR` (a subprocess), back to back.
 Run it on a quiet machine (nothing else busy: the timings are the result). Prints a table and, last, one JSON line.
 """
@@ -77,12 +78,27 @@ def measure(args):
     diff = np.abs(a - b)
     scale = float(np.abs(b).max())
     agree = float((a.argmax(1) == b.argmax(1)).mean())
+    kl = soft_target_kl(b, a, float(new.meta["temperature"]))
     return {"label": args.label, "config": args.config, "seconds": seconds,
             "images_per_second": new.num_examples / seconds,
             "teachers": [t["step"] for t in meta["teachers"]],
             "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "logit_scale": scale, "max_rel_diff": float(diff.max()) / scale,
-            "argmax_agreement": agree}
+            "argmax_agreement": agree, "soft_target_kl_mean": float(kl.mean()),
+            "soft_target_kl_max": float(kl.max())}
+
+
+def soft_target_kl(reference, other, temperature):
+    """KL(softmax(reference / T) || softmax(other / T)) per image and teacher: how far the
+    distillation targets moved (logits [N, classes, teachers])."""
+    import numpy as np
+
+    def log_softmax(z):
+        z = z / temperature
+        z = z - z.max(1, keepdims=True)
+        return z - np.log(np.exp(z).sum(1, keepdims=True))
+    lp, lq = log_softmax(reference.astype(np.float64)), log_softmax(other.astype(np.float64))
+    return (np.exp(lp) * (lp - lq)).sum(1)
 
 
 def main():
@@ -109,11 +125,13 @@ def main():
     if row is not None:
         rows.append(row)
     print(f"\n{'label':<10}{'config':<40}{'seconds':>9}{'img/s':>8}{'max|d|':>9}"
-          f"{'max|d|/scale':>13}{'argmax':>8}")
+          f"{'max|d|/scale':>13}{'argmax':>8}{'KL(T) mean':>12}{'KL(T) max':>11}")
     for r in rows:
         print(f"{r['label']:<10}{','.join(r['config']) or '-':<40}{r['seconds']:>9.1f}"
               f"{r['images_per_second']:>8.0f}{r['max_abs_diff']:>9.4f}"
-              f"{r['max_rel_diff']:>13.2e}{r['argmax_agreement']:>8.4f}")
+              f"{r['max_rel_diff']:>13.2e}{r['argmax_agreement']:>8.4f}"
+              f"{r.get('soft_target_kl_mean', float('nan')):>12.2e}"
+              f"{r.get('soft_target_kl_max', float('nan')):>11.2e}")
     if len(rows) > 1:
         print(f"\n{rows[-1]['label']} / {rows[0]['label']}: "
               f"{rows[-1]['seconds'] / rows[0]['seconds']:.3f} of the time")

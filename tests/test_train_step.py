@@ -101,6 +101,29 @@ def test_fused_kernel_only_at_block_widths_on_a_cpu():
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6, err_msg=b.path)
 
 
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("channels", [16, 7])  # the fused kernel, the compiled one
+def test_batch_statistics_of_reduced_precision_input_are_float32(dtype, channels):
+    """The memory bank's BN in mixed precision: bfloat16/float16 x with float32 gamma and
+    beta gives float32 statistics equal to float32's and y in x's dtype, equal to the
+    float32 result within x's rounding."""
+    from ekg_tf.graph.bn_kernels import batch_statistics_norm
+    rng = np.random.default_rng(3)
+    x32 = tf.constant(rng.normal(1.0, 2.0, (16, 8, 8, channels)), tf.float32)
+    gamma = tf.constant(rng.uniform(0.5, 1.5, channels), tf.float32)
+    beta = tf.constant(rng.normal(size=channels), tf.float32)
+    x = tf.cast(x32, dtype)
+    y, mean, variance = batch_statistics_norm(x, gamma, beta, 1e-5)
+    y_ref, mean_ref, variance_ref = batch_statistics_norm(tf.cast(x, tf.float32), gamma,
+                                                          beta, 1e-5)
+    assert y.dtype == x.dtype and mean.dtype == variance.dtype == tf.float32
+    np.testing.assert_allclose(mean, mean_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(variance, variance_ref, rtol=1e-5)
+    step = 2.0 ** -(7 if dtype == "bfloat16" else 10)  # the dtype's relative precision
+    np.testing.assert_allclose(tf.cast(y, tf.float32), y_ref, rtol=step, atol=step)
+
+
 # ----------------------------------------------------------------- two views, one batch
 def _ekg_batch(batch=8, views=2, teachers=3, seed=2):
     rng = np.random.default_rng(seed)

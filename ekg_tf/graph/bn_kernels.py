@@ -42,7 +42,7 @@ def fused_batch_norm(x, gamma, beta, epsilon, mean=None, variance=None):
     is None (the variance it returns is Bessel-corrected), else with the ones given."""
     training = mean is None
     if training:
-        mean = variance = tf.constant([], x.dtype)
+        mean = variance = tf.constant([], gamma.dtype)
     # The raw op: tf.compat.v1.nn.fused_batch_norm raises epsilon to 1.001e-5 (cuDNN's
     # minimum), which would change the reference's 1e-5.
     y, batch_mean, batch_variance, *_ = tf.raw_ops.FusedBatchNormV3(
@@ -54,22 +54,26 @@ def fused_batch_norm(x, gamma, beta, epsilon, mean=None, variance=None):
 @tf.function(jit_compile=True, autograph=False)
 def compiled_batch_norm(x, gamma, beta, epsilon):
     """(y, mean, biased variance) of NHWC `x` normalised with its batch statistics, in one
-    XLA cluster (compiled once per input shape)."""
-    mean, variance = tf.nn.moments(x, [0, 1, 2])
-    return tf.nn.batch_normalization(x, mean, variance, beta, gamma, epsilon), mean, variance
+    XLA cluster (compiled once per input shape); computed in gamma's dtype, y in x's."""
+    xf = tf.cast(x, gamma.dtype)  # fused into the cluster's loops: no pass of its own
+    mean, variance = tf.nn.moments(xf, [0, 1, 2])
+    y = tf.nn.batch_normalization(xf, mean, variance, beta, gamma, epsilon)
+    return tf.cast(y, x.dtype), mean, variance
 
 
 def batch_statistics_norm(x, gamma, beta, epsilon):
     """(y, mean, biased variance): NHWC `x` normalised with its batch statistics by the
     kernel that is fastest at its width (chosen when the graph runs if the channel count
-    is not static, as in the sliced forward)."""
+    is not static, as in the sliced forward). `x` may be bfloat16 or float16 with float32
+    gamma and beta: both kernels then take the statistics in float32 and return y in x's
+    dtype, without a cast of x of their own (forward only: the memory bank)."""
     def fused():
         y, mean, variance = fused_batch_norm(x, gamma, beta, epsilon)
-        n = tf.cast(tf.size(x) // tf.shape(x)[-1], x.dtype)
+        n = tf.cast(tf.size(x) // tf.shape(x)[-1], variance.dtype)
         return y, mean, variance * ((n - 1.0) / tf.maximum(n, 1.0))  # Bessel undone
 
     def compiled():
-        return compiled_batch_norm(x, gamma, beta, tf.constant(epsilon, x.dtype))
+        return compiled_batch_norm(x, gamma, beta, tf.constant(epsilon, gamma.dtype))
 
     channels = tf.shape(x)[-1] if x.shape[-1] is None else int(x.shape[-1])
     fast = fast_fused_width(channels)  # a bool, or a boolean tensor when not static

@@ -111,18 +111,13 @@ class _Forward:
 
     def _apply(self, node, rule, x, training, bn, cache):
         """A weighted node on its (cut) weights. In reduced precision (x not float32) the
-        other weights are cast to x's dtype and normalisation computes in float32, its
-        result cast back (what Keras' mixed precision does)."""
+        weights are cast to x's dtype, except a normalisation's: it keeps its statistics in
+        float32 (what Keras' mixed precision does) and returns x's dtype."""
         weights = self._weights(node, cache)
-        mask = self._channel_mask(node, cache)
-        if x.dtype == tf.float32:
-            return rule.apply(node, x, weights, training, bn, channel_mask=mask)
-        if rule.float32_statistics:
-            y = rule.apply(node, tf.cast(x, tf.float32), weights, training, bn,
-                           channel_mask=mask)
-            return tf.cast(y, x.dtype)
-        weights = {name: tf.cast(w, x.dtype) for name, w in weights.items()}
-        return rule.apply(node, x, weights, training, bn, channel_mask=mask)
+        if x.dtype != tf.float32 and not rule.float32_statistics:
+            weights = {name: tf.cast(w, x.dtype) for name, w in weights.items()}
+        return rule.apply(node, x, weights, training, bn,
+                          channel_mask=self._channel_mask(node, cache))
 
     def _call_plain(self, node, rule, args, kwargs):
         return node.layer(*args, **kwargs)

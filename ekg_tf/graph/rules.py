@@ -91,8 +91,9 @@ def _fused_batch_statistics(x, w, epsilon):
     """BN with the batch's statistics (biased variance), by the fastest kernel for its
     width (`bn_kernels`)."""
     channels = tf.shape(x)[-1]
-    gamma = tf.cast(w["gamma"], x.dtype) if "gamma" in w else tf.ones([channels], x.dtype)
-    beta = tf.cast(w["beta"], x.dtype) if "beta" in w else tf.zeros([channels], x.dtype)
+    dtype = tf.float32 if x.dtype in (tf.bfloat16, tf.float16) else x.dtype  # statistics
+    gamma = tf.cast(w["gamma"], dtype) if "gamma" in w else tf.ones([channels], dtype)
+    beta = tf.cast(w["beta"], dtype) if "beta" in w else tf.zeros([channels], dtype)
     return batch_statistics_norm(x, gamma, beta, epsilon)[0]
 
 
@@ -114,7 +115,8 @@ class Rule:
     exit = False
     zero_preserving = False
     weighted = False          # per-channel weights: apply/rebuild/weight_axes below
-    float32_statistics = False  # normalisation: computes in float32 in mixed precision
+    float32_statistics = False  # normalisation: float32 weights and statistics in mixed
+                                # precision (its apply takes x in any dtype)
     produces = False          # its outputs are new channels (conv, dense)
 
     def problem(self, node, ins, ctx) -> str | None:
@@ -527,7 +529,9 @@ class BatchNormRule(Weighted):
         layer = node.layer
         if bn.fused and bn.mode == "batch" and bn.record is None and len(x.shape) == 4 \
                 and not _several_replicas(bn.sync):
-            return _fused_batch_statistics(x, w, layer.epsilon)
+            return _fused_batch_statistics(x, w, layer.epsilon)  # float32 statistics
+        if x.dtype != tf.float32:  # reduced precision: the statistics in float32
+            return tf.cast(self.apply(node, tf.cast(x, tf.float32), w, training, bn), x.dtype)
         if bn.mode == "inference":
             mean, variance = w["moving_mean"], w["moving_variance"]
         else:
@@ -570,6 +574,9 @@ class LayerNormRule(Weighted):
 
     def apply(self, node, x, w, training, bn, channel_mask=None):
         layer = node.layer
+        if x.dtype != tf.float32:  # reduced precision: the statistics in float32
+            return tf.cast(self.apply(node, tf.cast(x, tf.float32), w, training, bn,
+                                      channel_mask), x.dtype)
         if channel_mask is None:
             mean, variance = tf.nn.moments(x, [len(x.shape) - 1], keepdims=True)
         else:  # statistics of the kept channels only (what the slimmed layer computes)
