@@ -87,11 +87,16 @@ def _several_replicas(sync: bool) -> bool:
     return sync and ctx is not None and ctx.num_replicas_in_sync > 1
 
 
+def _reduced_precision(x) -> bool:
+    """Whether `x` is a mixed-precision activation (its normalisation: float32 statistics)."""
+    return x.dtype in (tf.bfloat16, tf.float16)
+
+
 def _fused_batch_statistics(x, w, epsilon):
     """BN with the batch's statistics (biased variance), by the fastest kernel for its
     width (`bn_kernels`)."""
     channels = tf.shape(x)[-1]
-    dtype = tf.float32 if x.dtype in (tf.bfloat16, tf.float16) else x.dtype  # statistics
+    dtype = tf.float32 if _reduced_precision(x) else x.dtype  # the statistics' dtype
     gamma = tf.cast(w["gamma"], dtype) if "gamma" in w else tf.ones([channels], dtype)
     beta = tf.cast(w["beta"], dtype) if "beta" in w else tf.zeros([channels], dtype)
     return batch_statistics_norm(x, gamma, beta, epsilon)[0]
@@ -530,7 +535,7 @@ class BatchNormRule(Weighted):
         if bn.fused and bn.mode == "batch" and bn.record is None and len(x.shape) == 4 \
                 and not _several_replicas(bn.sync):
             return _fused_batch_statistics(x, w, layer.epsilon)  # float32 statistics
-        if x.dtype != tf.float32:  # reduced precision: the statistics in float32
+        if _reduced_precision(x):  # the statistics in float32
             return tf.cast(self.apply(node, tf.cast(x, tf.float32), w, training, bn), x.dtype)
         if bn.mode == "inference":
             mean, variance = w["moving_mean"], w["moving_variance"]
@@ -574,7 +579,7 @@ class LayerNormRule(Weighted):
 
     def apply(self, node, x, w, training, bn, channel_mask=None):
         layer = node.layer
-        if x.dtype != tf.float32:  # reduced precision: the statistics in float32
+        if _reduced_precision(x):  # the statistics in float32
             return tf.cast(self.apply(node, tf.cast(x, tf.float32), w, training, bn,
                                       channel_mask), x.dtype)
         if channel_mask is None:
