@@ -83,6 +83,22 @@ def test_uninterrupted_run_outputs(uninterrupted):
     assert r["memory_bank_bytes_per_image"] == 10 * 3 * 2
 
 
+def test_complete_memory_bank_is_reused(uninterrupted, tmp_path):
+    """A finished search started again rebuilds nothing: the bank is reused when its
+    teachers, size and precision match ("" is float32, as the config's default)."""
+    import shutil
+    full_dir, _ = uninterrupted
+    workdir = str(tmp_path / "again")
+    shutil.copytree(full_dir, workdir)
+    before = os.path.getmtime(os.path.join(workdir, "memory_bank", "meta.json"))
+    c = small_config()
+    c.search.memory_bank_precision = ""
+    logs = []
+    run_search(c, workdir, log=logs.append)
+    assert any("memory bank" in m and "reusing it" in m for m in logs), logs
+    assert os.path.getmtime(os.path.join(workdir, "memory_bank", "meta.json")) == before
+
+
 def test_resume_after_interruption_equals_uninterrupted(uninterrupted, tmp_path):
     """Stopped by an exception right after step 2 was written (a crash), then started
     again with the same settings: it continues from step 2 and ends identically."""

@@ -173,19 +173,18 @@ def _teacher_logits_fn(model, teachers, sliced: bool, precision: str):
     forward = tf.function(lambda x: model(x, training=True, freeze_bn_stats=True),
                           autograph=False)
     if sliced:  # each teacher at its real width: cost in proportion to its MACs
-        from ekg_tf.subnet_search.evaluator import kept_indices_of, subnet_logits_fn
-        slim = subnet_logits_fn(model, precision=precision)
-        kept = [kept_indices_of(model, e) for e in teachers]
+        from ekg_tf.subnet_search.evaluator import kept_indices_of, subnets_logits_fn
+        teachers_fn = subnets_logits_fn(model, [kept_indices_of(model, e) for e in teachers],
+                                        precision=precision)
 
     def logits(images):
         x = tf.convert_to_tensor(images)
+        if sliced:
+            return teachers_fn(tf.cast(x, tf.float32)).numpy()
         out = np.empty((len(images), num_classes, t_count), np.float32)
         for t, entry in enumerate(teachers):
-            if sliced:
-                out[:, :, t] = slim(x, kept[t]).numpy()
-            else:
-                apply(entry)
-                out[:, :, t] = forward(x).numpy()
+            apply(entry)
+            out[:, :, t] = forward(x).numpy()
         return out
 
     return logits

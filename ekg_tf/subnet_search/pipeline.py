@@ -32,6 +32,7 @@ from ekg_tf.subnet_search.plots import save_search_plots
 from ekg_tf.subnet_search.search import SearchSettings, search_subnetwork
 from ekg_tf.subnet_search.state import load_state
 from ekg_tf.slimming import bn_statistics, recalibrate_batch_norm, restore_bn_statistics
+from ekg_tf.train.precision import check_precision
 from ekg_tf.utils.io import atomic_path, atomic_write_json
 from ekg_tf.utils.progress import ProgressBar
 
@@ -114,6 +115,7 @@ def evaluate_baseline(model, config, path, log) -> dict:
 def _memory_bank(model, config, workdir, history, log) -> dict:
     s = config.search
     teachers = teachers_from_history(history, int(s.num_teachers))
+    precision = check_precision(s.memory_bank_precision, "search.memory_bank_precision")
     bank_dir = os.path.join(workdir, "memory_bank")
     dataset_fn, n = input_fn(config.data, "train", training=False,
                              global_batch_size=int(config.data.eval_batch_size),
@@ -122,7 +124,7 @@ def _memory_bank(model, config, workdir, history, log) -> dict:
         bank = MemoryBank.open(bank_dir)
         same = ([t["step"] for t in bank.meta["teachers"]] == [t["step"] for t in teachers]
                 and bank.num_examples == n and bank.topk == int(s.memory_bank_topk or 0)
-                and bank.meta.get("precision", "float32") == s.memory_bank_precision)
+                and bank.meta.get("precision", "float32") == precision)
         if same:
             log(f"memory bank in {bank_dir} is complete; reusing it")
             return bank.meta
@@ -137,7 +139,7 @@ def _memory_bank(model, config, workdir, history, log) -> dict:
                              shard_size=int(s.memory_bank_shard_size),
                              topk=int(s.memory_bank_topk or 0),
                              temperature=resolve_temperature(config), progress=bar,
-                             precision=s.memory_bank_precision,
+                             precision=precision,
                              extra_meta={"split": "train", "data": config.data.name})
     bar.close()
     return meta
