@@ -55,10 +55,13 @@ def fused_batch_norm(x, gamma, beta, epsilon, mean=None, variance=None):
 def compiled_batch_norm(x, gamma, beta, epsilon):
     """(y, mean, biased variance) of NHWC `x` normalised with its batch statistics, in one
     XLA cluster (compiled once per input shape); computed in gamma's dtype, y in x's."""
-    xf = tf.cast(x, gamma.dtype)  # fused into the cluster's loops: no pass of its own
-    mean, variance = tf.nn.moments(xf, [0, 1, 2])
+    # The statistics as one reduction over a [N*H*W, C] view: XLA's CPU backend turns the
+    # reduction over axes (0, 1, 2) into reduce-window loops and a separate cast pass,
+    # 1.1-1.8x slower forward and backward at the pruned widths (7-61 channels).
+    xf = tf.cast(tf.reshape(x, [-1, tf.shape(x)[-1]]), gamma.dtype)
+    mean, variance = tf.nn.moments(xf, [0])
     y = tf.nn.batch_normalization(xf, mean, variance, beta, gamma, epsilon)
-    return tf.cast(y, x.dtype), mean, variance
+    return tf.reshape(tf.cast(y, x.dtype), tf.shape(x)), mean, variance
 
 
 def batch_statistics_norm(x, gamma, beta, epsilon):
