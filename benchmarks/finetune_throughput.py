@@ -101,11 +101,16 @@ class TimedSteps:
                 tf.profiler.experimental.stop()
 
 
+# The event of a compiled (jit_compile) function's run on a CPU; inside it, HLO fusions.
+XLA_EXECUTABLE = "CpuExecutable::ExecuteAsyncOnStream"
+
+
 def profile_top_ops(profile_dir, top=12):
     """(op type, self ms per step, share) of the traced steps, by total self time.
 
-    Reads the xplane trace: TF op events on the host threads (`name:Type`) and tf.data
-    events; self time = duration minus that of events nested inside it on its thread."""
+    Reads the xplane trace: TF op events on the host threads (`name:Type`), tf.data
+    events and XLA-compiled functions (the BN kernel; their whole run, as one row); self
+    time = duration minus that of events nested inside it on its thread."""
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
     paths = glob.glob(os.path.join(profile_dir, "plugins", "profile", "*", "*.xplane.pb"))
     if not paths:
@@ -128,6 +133,8 @@ def profile_top_ops(profile_dir, top=12):
                     key = _op_key(name)
                     if key and line.name.startswith("tf_data"):
                         key = "(input pipeline) " + key
+                    if name == XLA_EXECUTABLE:  # its HLO events are not TF ops: all of it
+                        key, child = "(XLA) compiled clusters", 0
                     if key:
                         totals[key] = totals.get(key, 0) + dur - child
                     if stack:

@@ -15,8 +15,9 @@ both banks are stored in float16 (~1e-3 relative). `--config key=value` sets con
 `search.memory_bank_precision=mixed_bfloat16`). `--code=DIR` imports `ekg_tf` from DIR;
 `--before=DIR` first runs the same with `--code=DIR` (a subprocess), back to back.
 Run it on a quiet machine (nothing else busy: the timings are the result); on a shared
-virtual machine the process CPU time (`cpu s`) is printed beside the wall time, as the
-host's stolen time moves the wall time between runs. Prints a table and, last, one JSON
+virtual machine the process CPU time (`cpu s`) and the host's stolen CPU time during the
+run (`steal s`, /proc/stat) are printed beside the wall time, as the latter moves the
+wall time between runs. Prints a table and, last, one JSON
 line.
 """
 from __future__ import annotations
@@ -71,9 +72,10 @@ def measure(args):
     workdir = os.path.join(args.out, args.label)
     shutil.rmtree(workdir, ignore_errors=True)
     os.makedirs(workdir)
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, s0 = time.perf_counter(), time.process_time(), host_steal_seconds()
     meta = pipeline._memory_bank(model, config, workdir, history, log=lambda m: None)
     seconds, cpu_seconds = time.perf_counter() - t0, time.process_time() - c0
+    steal_seconds = host_steal_seconds() - s0
     new = MemoryBank.open(os.path.join(workdir, "memory_bank"))
     old = MemoryBank.open(args.compare_bank or os.path.join(args.search_workdir, "memory_bank"))
     idx = np.arange(new.num_examples)
@@ -84,12 +86,25 @@ def measure(args):
     kl = soft_target_kl(b, a, float(new.meta["temperature"]))
     return {"label": args.label, "config": args.config, "seconds": seconds,
             "cpu_seconds": cpu_seconds,  # a shared host's stolen time is not in it
+            "steal_seconds": steal_seconds,
             "images_per_second": new.num_examples / seconds,
             "teachers": [t["step"] for t in meta["teachers"]],
             "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()),
             "logit_scale": scale, "max_rel_diff": float(diff.max()) / scale,
             "argmax_agreement": agree, "soft_target_kl_mean": float(kl.mean()),
             "soft_target_kl_max": float(kl.max())}
+
+
+def host_steal_seconds() -> float:
+    """CPU seconds the hypervisor gave to other guests since boot, all CPUs together
+    (/proc/stat `steal`; 0 where it is not reported). Time a sibling hyperthread's load
+    takes is not in it."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def soft_target_kl(reference, other, temperature):
@@ -128,11 +143,12 @@ def main():
     row = measure(args)
     if row is not None:
         rows.append(row)
-    print(f"\n{'label':<10}{'config':<40}{'seconds':>9}{'cpu s':>8}{'img/s':>8}{'max|d|':>9}"
+    print(f"\n{'label':<10}{'config':<40}{'seconds':>9}{'cpu s':>8}{'steal s':>8}{'img/s':>8}{'max|d|':>9}"
           f"{'max|d|/scale':>13}{'argmax':>8}{'KL(T) mean':>12}{'KL(T) max':>11}")
     for r in rows:
         print(f"{r['label']:<10}{','.join(r['config']) or '-':<40}{r['seconds']:>9.1f}"
               f"{r.get('cpu_seconds', float('nan')):>8.0f}"
+              f"{r.get('steal_seconds', float('nan')):>8.0f}"
               f"{r['images_per_second']:>8.0f}{r['max_abs_diff']:>9.4f}"
               f"{r['max_rel_diff']:>13.2e}{r['argmax_agreement']:>8.4f}"
               f"{r.get('soft_target_kl_mean', float('nan')):>12.2e}"
