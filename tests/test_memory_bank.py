@@ -136,6 +136,21 @@ def test_reduced_precision_bank_within_tolerance_of_float32(bank, tmp_path, prec
     assert 0 < diff < tolerance   # > 0: the layers did compute in the reduced dtype
 
 
+def test_teachers_in_turn_equal_teachers_overlapped(bank):
+    # The teachers' forwards as one graph: overlapped (CPU) or chained in turn (the GPU
+    # default) compute the same logits, and each equals that sub-network alone.
+    from ekg_tf.subnet_search.evaluator import kept_indices_of, subnets_logits_fn
+    _, _, _, model, teachers, batches = bank
+    kept = [kept_indices_of(model, e) for e in teachers]
+    x = tf.constant(batches[0][0])
+    overlapped = subnets_logits_fn(model, kept, overlap=True)(x).numpy()
+    in_turn = subnets_logits_fn(model, kept, overlap=False)(x).numpy()
+    np.testing.assert_allclose(in_turn, overlapped, rtol=0, atol=1e-6)
+    for t in range(len(kept)):
+        alone = subnets_logits_fn(model, kept[t:t + 1])(x).numpy()[..., 0]
+        np.testing.assert_allclose(alone, overlapped[..., t], rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_bank_precision_is_a_clear_error(bank, tmp_path):
     _, _, _, model, teachers, batches = bank
     with pytest.raises(UserError, match="search.memory_bank_precision 'bf16'"):

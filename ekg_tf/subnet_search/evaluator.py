@@ -311,7 +311,8 @@ class SubnetEvaluator:
 
 
 # --------------------------------------------------------------------------- plain evaluation
-def subnets_logits_fn(model, kept_sets, sync_bn: bool = False, precision: str = "float32"):
+def subnets_logits_fn(model, kept_sets, sync_bn: bool = False, precision: str = "float32",
+                      overlap: bool | None = None):
     """`fn(images)`: float32 logits `[B, classes, len(kept_sets)]` of a gated clone's
     sub-networks, each at its real width, given each one's kept indices (a tuple per
     sub-network, in `model.gate_groups` order, from `kept_indices_of`); BN with batch
@@ -321,8 +322,11 @@ def subnets_logits_fn(model, kept_sets, sync_bn: bool = False, precision: str = 
     overlaps them on its inter-op threads (9-14% faster than one call per teacher in
     bfloat16 on 2 cores; `benchmarks/memory_bank_speed.py`), and the kept indices are
     constants of the graph, so every width is static (the BN kernel chosen when traced).
-    `precision` (`train.precision`'s names): mixed_bfloat16 / mixed_float16 compute the
-    layers in that dtype from the float32 weights, normalisation in float32."""
+    `overlap` (default: unless a GPU is visible) False runs them in turn (control edges):
+    a GPU's one compute stream gains nothing from the overlap, and in turn only one
+    sub-network's activations are alive at a time (ImageNet batches: the batch size is
+    part of the result, so memory cannot be had by lowering it). `precision`
+    (`train.precision`'s names): mixed_bfloat16 / mixed_float16 compute the layers in that dtype from the float32 weights, normalisation in float32."""
     names = [g.name for g in model.gate_groups]
     compute_dtype = keras.DTypePolicy(check_precision(precision)).compute_dtype
     kept_sets = [tuple(tf.constant(k, tf.int32) for k in kept) for kept in kept_sets]
@@ -334,9 +338,16 @@ def subnets_logits_fn(model, kept_sets, sync_bn: bool = False, precision: str = 
                                           False)
         return tf.cast(outputs[0], tf.float32)
 
+    if overlap is None:
+        overlap = not tf.config.list_logical_devices("GPU")
+
     def body(images):
         x = tf.cast(images, compute_dtype)
-        return tf.stack([one(x, kept) for kept in kept_sets], -1)
+        logits = []
+        for kept in kept_sets:
+            with tf.control_dependencies([] if overlap else logits[-1:]):
+                logits.append(one(x, kept))
+        return tf.stack(logits, -1)
 
     # One trace for every batch size (the split's last batch is smaller): a trace of the
     # teachers costs about as much as 8 batches of 256 (ResNet-56, 5 teachers).
