@@ -326,7 +326,8 @@ def subnets_logits_fn(model, kept_sets, sync_bn: bool = False, precision: str = 
     a GPU's one compute stream gains nothing from the overlap, and in turn only one
     sub-network's activations are alive at a time (ImageNet batches: the batch size is
     part of the result, so memory cannot be had by lowering it). `precision`
-    (`train.precision`'s names): mixed_bfloat16 / mixed_float16 compute the layers in that dtype from the float32 weights, normalisation in float32."""
+    (`train.precision`'s names): mixed_bfloat16 / mixed_float16 compute the layers
+    in that dtype from the float32 weights, normalisation in float32."""
     names = [g.name for g in model.gate_groups]
     compute_dtype = keras.DTypePolicy(check_precision(precision)).compute_dtype
     kept_sets = [tuple(tf.constant(k, tf.int32) for k in kept) for kept in kept_sets]
