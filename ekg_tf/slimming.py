@@ -154,7 +154,9 @@ def recalibrate_batch_norm(model, images, batch_size: int = 256, progress=None) 
 
     names = []  # BN node names in the order the forward records them (set when tracing)
 
-    @tf.function(autograph=False, reduce_retracing=True)
+    # Any batch size: the last, partial batch reuses the trace.
+    @tf.function(autograph=False,
+                 input_signature=[tf.TensorSpec([None, *images.shape[1:]], tf.float32)])
     def moments(x):
         record = []
         forward.run(x, BatchNormStep("batch", sync=False, record=record), training=False)

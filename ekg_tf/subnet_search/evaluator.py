@@ -352,8 +352,14 @@ def subnets_logits_fn(model, kept_sets, sync_bn: bool = False, precision: str = 
 
     # One trace for every batch size (the split's last batch is smaller): a trace of the
     # teachers costs about as much as 8 batches of 256 (ResNet-56, 5 teachers).
-    images_spec = tf.TensorSpec([None, *model.base.inputs[0].shape[1:]], tf.float32)
-    return tf.function(body, input_signature=[images_spec], autograph=False)
+    return tf.function(body, input_signature=[images_spec(model)], autograph=False)
+
+
+def images_spec(model) -> tf.TensorSpec:
+    """float32 images of `model` (a GatedModel) at any batch size: a forward traced with
+    it serves the split's last, smaller batch too (a ResNet-56 trace costs as much as
+    ~8 batches of 256 here)."""
+    return tf.TensorSpec([None, *model.base.inputs[0].shape[1:]], tf.float32)
 
 
 def kept_indices_of(model, entry) -> tuple:
@@ -376,7 +382,8 @@ def _forward_fn(model, training: bool):
     key = (id(model), bool(training))
     if key not in _FORWARDS or _FORWARDS[key][0] is not model:
         _FORWARDS[key] = (model, tf.function(
-            lambda x: model(x, training=training, freeze_bn_stats=True), autograph=False))
+            lambda x: model(x, training=training, freeze_bn_stats=True),
+            input_signature=[images_spec(model)], autograph=False))
     return _FORWARDS[key][1]
 
 
@@ -384,7 +391,7 @@ def batch_logits(model, images, batch_size: int, training: bool):
     """Logits of `images` (numpy, model-ready) in batches; with `training` BN uses batch
     statistics and keeps its moving statistics frozen."""
     fn = _forward_fn(model, training)
-    out = [fn(tf.constant(images[i:i + batch_size])).numpy()
+    out = [fn(tf.constant(images[i:i + batch_size], tf.float32)).numpy()
            for i in range(0, len(images), batch_size)]
     return np.concatenate(out, 0)
 

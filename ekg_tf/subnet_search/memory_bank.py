@@ -170,17 +170,18 @@ def _teacher_logits_fn(model, teachers, sliced: bool, precision: str):
             g.rank = entry["ranks"][name]
             g.rate = min(max(float(entry["rates"][name]), 0.0), 1.0)
 
+    from ekg_tf.subnet_search.evaluator import images_spec
     forward = tf.function(lambda x: model(x, training=True, freeze_bn_stats=True),
-                          autograph=False)
+                          input_signature=[images_spec(model)], autograph=False)
     if sliced:  # each teacher at its real width: cost in proportion to its MACs
         from ekg_tf.subnet_search.evaluator import kept_indices_of, subnets_logits_fn
         teachers_fn = subnets_logits_fn(model, [kept_indices_of(model, e) for e in teachers],
                                         precision=precision)
 
     def logits(images):
-        x = tf.convert_to_tensor(images)
+        x = tf.cast(tf.convert_to_tensor(images), tf.float32)
         if sliced:
-            return teachers_fn(tf.cast(x, tf.float32)).numpy()
+            return teachers_fn(x).numpy()
         out = np.empty((len(images), num_classes, t_count), np.float32)
         for t, entry in enumerate(teachers):
             apply(entry)

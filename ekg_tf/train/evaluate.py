@@ -51,8 +51,14 @@ def make_eval_step(model, strategy, bn_mode: str = "inference"):
 def evaluate(model, strategy, dataset_fn, bn_mode: str = "inference", eval_step=None) -> dict:
     """{'top1', 'top5', 'loss', 'examples'} over one pass of `dataset_fn`'s data."""
     step = eval_step or make_eval_step(model, strategy, bn_mode)
+    batches = strategy.distribute_datasets_from_function(dataset_fn)
+    # Traced for the dataset's element spec (batch size unknown): traced on the first
+    # batch's own shape instead, the step would trace the model again for the last,
+    # partial batch (6 s of a ResNet-56 evaluation's 10 s here). A cache hit after the
+    # first evaluation.
+    step.get_concrete_function(batches.element_spec)
     totals = tf.zeros([4])
-    for batch in strategy.distribute_datasets_from_function(dataset_fn):
+    for batch in batches:
         totals += step(batch)
     loss, top1, top5, count = totals.numpy().tolist()
     if count == 0:
