@@ -170,9 +170,8 @@ def _teacher_logits_fn(model, teachers, sliced: bool, precision: str):
             g.rank = entry["ranks"][name]
             g.rate = min(max(float(entry["rates"][name]), 0.0), 1.0)
 
-    from ekg_tf.subnet_search.evaluator import images_spec
     forward = tf.function(lambda x: model(x, training=True, freeze_bn_stats=True),
-                          input_signature=[images_spec(model)], autograph=False)
+                          autograph=False)
     if sliced:  # each teacher at its real width: cost in proportion to its MACs
         from ekg_tf.subnet_search.evaluator import kept_indices_of, subnets_logits_fn
         teachers_fn = subnets_logits_fn(model, [kept_indices_of(model, e) for e in teachers],
@@ -182,6 +181,8 @@ def _teacher_logits_fn(model, teachers, sliced: bool, precision: str):
         x = tf.cast(tf.convert_to_tensor(images), tf.float32)
         if sliced:
             return teachers_fn(x).numpy()
+        # Traced for any batch size: the split's last, smaller batch reuses the trace.
+        forward.get_concrete_function(tf.TensorSpec([None, *x.shape[1:]], tf.float32))
         out = np.empty((len(images), num_classes, t_count), np.float32)
         for t, entry in enumerate(teachers):
             apply(entry)
