@@ -202,11 +202,15 @@ def check(config):
                     raise UserError(f"{key} must be an integer {what}, got {value!r}")
 
 
+# `model.init` / `data.normalization` naming a keras.applications model. Here, not in
+# ekg_tf.data, so that resolving a config (and refusing a bad one) imports no TensorFlow.
+APPLICATIONS_PREFIX = "keras.applications."
+
+
 def resolve(config):
     """Checks `config` and fills derived defaults in place: a keras.applications model's
     inputs are normalised with its own preprocessing unless data.normalization says
     otherwise."""
-    from ekg_tf.data.preprocessing import APPLICATIONS_PREFIX
     check(config)
     init = str(config.model.get("init", "") or "")
     if not config.data.get("normalization") and init.startswith(APPLICATIONS_PREFIX):

@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.config import APPLICATIONS_PREFIX  # noqa: F401  (re-exported)
 from ekg_tf.errors import UserError
 
 NORMALIZATION = {
@@ -29,7 +30,6 @@ NORMALIZATION = {
 }
 
 
-APPLICATIONS_PREFIX = "keras.applications."
 
 
 @dataclasses.dataclass(frozen=True)
