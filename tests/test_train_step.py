@@ -5,7 +5,8 @@
 - the distillation views as one batch of 2B == two passes (BN alike), and BN's statistics
   are those of both views (the reference's);
 - metrics read back every N steps reach TensorBoard and the progress bar;
-- train.precision mixed_bfloat16 / mixed_float16 keeps float32 variables.
+- train.precision mixed_bfloat16 / mixed_float16 keeps float32 variables;
+- evaluation traces its step once, the last partial batch included.
 """
 import numpy as np
 import pytest
@@ -275,3 +276,30 @@ def test_mixed_precision_keeps_float32_variables(precision):
     np.testing.assert_allclose(losses[precision], losses["float32"], rtol=2e-2)
     assert {l.compute_dtype for l in model.layers} == {"float32"}
     assert model(x, training=False).dtype == "float32"
+
+
+def test_evaluation_traces_once_and_counts_a_partial_last_batch():
+    """evaluate() over batches of 4, 4 and 2 images: one trace of its step (the last,
+    smaller batch reuses it), and the model's own top-1 and loss over all 10 images; the
+    search's batch forward likewise traces once."""
+    from ekg_tf.graph.gated import GatedModel
+    from ekg_tf.subnet_search import evaluator
+    from ekg_tf.train.evaluate import evaluate, make_eval_step
+    model, _ = _pair(3)
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(10, 32, 32, 3)).astype(np.float32)
+    y = rng.integers(0, 10, 10)
+    strategy = tf.distribute.get_strategy()
+    step = make_eval_step(model, strategy)
+    out = evaluate(model, strategy, lambda ctx: tf.data.Dataset.from_tensor_slices(
+        (x, y)).batch(4), eval_step=step)
+    assert step.experimental_get_tracing_count() == 1
+    logits = model(x, training=False).numpy()
+    assert out["examples"] == 10
+    assert out["top1"] == pytest.approx(float(np.mean(logits.argmax(1) == y)))
+    loss = keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True)
+    assert out["loss"] == pytest.approx(float(np.mean(loss)), rel=1e-5)
+    gated = GatedModel(model)
+    batched = evaluator.batch_logits(gated, x, 4, training=False)
+    np.testing.assert_allclose(batched, logits, atol=1e-5)
+    assert evaluator._forward_fn(gated, False).experimental_get_tracing_count() == 1
