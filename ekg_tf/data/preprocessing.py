@@ -30,8 +30,6 @@ NORMALIZATION = {
 }
 
 
-
-
 @dataclasses.dataclass(frozen=True)
 class Normalization:
     """`(x[..., order] - mean) / std` per channel on RGB pixels 0..255; `bgr` reverses the
