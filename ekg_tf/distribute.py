@@ -47,6 +47,13 @@ def split_cpu_devices(n: int) -> None:
         cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
 
 
+def any_batch_spec(shape, dtype=tf.float32) -> tf.TensorSpec:
+    """A TensorSpec of `dtype` tensors shaped `shape` except the batch (first) dimension,
+    unknown: a tf.function traced once with it also serves a split's last, smaller batch
+    (a ResNet-56 forward costs seconds to trace here, as much as ~8 batches of 256)."""
+    return tf.TensorSpec([None, *shape[1:]], dtype)
+
+
 def relaxed_spec(value):
     """A TypeSpec of `value` (a tensor, a per-replica value, or a nest of them) with every
     dimension unknown: a tf.function traced once with it serves every shape.

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 import keras
 
+from ekg_tf.distribute import any_batch_spec
 from ekg_tf.graph import dependency_graph, rules as rules_lib
 from ekg_tf.graph.forward import _Forward
 from ekg_tf.graph.rules import IN, OUT, BatchNormStep
@@ -154,9 +155,7 @@ def recalibrate_batch_norm(model, images, batch_size: int = 256, progress=None) 
 
     names = []  # BN node names in the order the forward records them (set when tracing)
 
-    # Any batch size: the last, partial batch reuses the trace.
-    @tf.function(autograph=False,
-                 input_signature=[tf.TensorSpec([None, *images.shape[1:]], tf.float32)])
+    @tf.function(autograph=False, input_signature=[any_batch_spec(images.shape)])
     def moments(x):
         record = []
         forward.run(x, BatchNormStep("batch", sync=False, record=record), training=False)

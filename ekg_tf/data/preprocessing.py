@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
-from ekg_tf.config import APPLICATIONS_PREFIX  # noqa: F401  (re-exported)
+from ekg_tf.config import APPLICATIONS_PREFIX
 from ekg_tf.errors import UserError
 
 NORMALIZATION = {

@@ -18,7 +18,7 @@ import os
 
 import keras
 
-from ekg_tf.data.preprocessing import APPLICATIONS_PREFIX
+from ekg_tf.config import APPLICATIONS_PREFIX
 from ekg_tf.errors import UserError
 from ekg_tf.models.resnet import build_model
 

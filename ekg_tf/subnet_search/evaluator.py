@@ -31,7 +31,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from ekg_tf.distribute import relaxed_spec
+from ekg_tf.distribute import any_batch_spec, relaxed_spec
 from ekg_tf.graph.rules import BatchNormStep
 from ekg_tf.train.precision import check_precision, compute_precision
 from ekg_tf.subnet_search.objective import objective_sum_tf
@@ -356,10 +356,8 @@ def subnets_logits_fn(model, kept_sets, sync_bn: bool = False, precision: str = 
 
 
 def images_spec(model) -> tf.TensorSpec:
-    """float32 images of `model` (a GatedModel) at any batch size: a forward traced with
-    it serves the split's last, smaller batch too (a ResNet-56 trace costs as much as
-    ~8 batches of 256 here)."""
-    return tf.TensorSpec([None, *model.base.inputs[0].shape[1:]], tf.float32)
+    """float32 images of `model` (a GatedModel) at any batch size."""
+    return any_batch_spec(model.base.inputs[0].shape)
 
 
 def kept_indices_of(model, entry) -> tuple:

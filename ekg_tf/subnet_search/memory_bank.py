@@ -44,6 +44,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from ekg_tf.distribute import any_batch_spec
 from ekg_tf.errors import UserError
 from ekg_tf.train.precision import check_precision
 from ekg_tf.utils.io import atomic_path, atomic_write_json
@@ -181,8 +182,7 @@ def _teacher_logits_fn(model, teachers, sliced: bool, precision: str):
         x = tf.cast(tf.convert_to_tensor(images), tf.float32)
         if sliced:
             return teachers_fn(x).numpy()
-        # Traced for any batch size: the split's last, smaller batch reuses the trace.
-        forward.get_concrete_function(tf.TensorSpec([None, *x.shape[1:]], tf.float32))
+        forward.get_concrete_function(any_batch_spec(x.shape))  # a cache hit after the first
         out = np.empty((len(images), num_classes, t_count), np.float32)
         for t, entry in enumerate(teachers):
             apply(entry)
