@@ -37,6 +37,11 @@ flags.DEFINE_string("representative_data", None, "An .npz with uint8 'x' trainin
 
 def main(argv):
     config, workdir = common.setup(argv)
+    from ekg_tf.export.options import check_inputs
+    # Before TensorFlow loads: a bad flag or a missing input is refused in a fraction of
+    # a second. run_export checks the same again (it is also the Python API).
+    check_inputs(config, workdir, FLAGS.formats, FLAGS.quantize, FLAGS.subnet,
+                 FLAGS.export_dir, FLAGS.representative_data)
     from ekg_tf.export.runner import run_export, summary
     report = run_export(config, workdir, formats=FLAGS.formats, quantize=FLAGS.quantize,
                         weights=FLAGS.weights, subnet=FLAGS.subnet, export_dir=FLAGS.export_dir,

@@ -31,10 +31,8 @@ from ekg_tf.latency.runtimes import RUNTIMES, Runtime, edge_saved_model
 from ekg_tf.slimming import fold_batch_norm
 from ekg_tf.utils.io import (atomic_path, atomic_write_text, directory_lock,
                              remove_temporaries)
-from ekg_tf.export import (int8_calibration, onnx_export, report as report_lib, saved_model as sm,
-                    tflite, verify)
-
-FORMATS = ("saved_model", "tflite", "onnx")
+from ekg_tf.export import (onnx_export, options, report as report_lib, saved_model as sm,
+                           tflite, verify)
 
 
 @dataclasses.dataclass
@@ -48,16 +46,6 @@ class PrebuiltArtifact:
     source: str = ""
 
 
-def check_formats(formats) -> list[str]:
-    formats = [f.strip() for f in formats if f.strip()]
-    bad = [f for f in formats if f not in FORMATS]
-    if bad:
-        raise UserError(f"unknown export format(s) {bad}; choose from {FORMATS}")
-    if not formats:
-        raise UserError(f"no export format given; choose from {FORMATS}")
-    return formats
-
-
 @dataclasses.dataclass
 class ExportRequest:
     """Everything the exporter needs; images are real data (uint8) and labels."""
@@ -66,7 +54,7 @@ class ExportRequest:
     normalization: object             # raw pixels -> model inputs (data.preprocessing.Normalization)
     verify_uint8: np.ndarray          # N real images (test split) for diffs and accuracy
     verify_labels: np.ndarray | None
-    formats: tuple = FORMATS
+    formats: tuple = options.FORMATS
     quant_modes: tuple = ("none",)
     representative: np.ndarray | None = None  # normalised float32 *training* images (int8)
     model_name: str = "ekg_model"
@@ -148,13 +136,13 @@ def export_all(req: ExportRequest, progress=print) -> dict:
 
 def _check_request(req: ExportRequest) -> tuple[list, list]:
     """(formats, TFLite modes) of a request whose settings are all valid."""
-    formats = check_formats(req.formats)
-    modes = tflite.check_modes(req.quant_modes) if "tflite" in formats else []
+    formats = options.check_formats(req.formats)
+    modes = options.check_modes(req.quant_modes) if "tflite" in formats else []
     if "tflite" in formats and not modes:
         raise UserError(f"format tflite needs at least one quantization mode of "
-                        f"{tflite.QUANT_MODES}")
-    sm.check_contract(req.contract)
-    int8_calibration.check_calibration(req.int8_calibration)
+                        f"{options.QUANT_MODES}")
+    options.check_contract(req.contract)
+    options.check_calibration(req.int8_calibration)
     if "tflite" in formats and "int8" in modes and (
             req.representative is None or len(req.representative) == 0):
         raise UserError("--quantize=int8 needs a representative dataset of training images")

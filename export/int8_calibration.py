@@ -23,17 +23,8 @@ import warnings
 import numpy as np
 import tensorflow as tf
 
-from ekg_tf.errors import UserError
-
-CALIBRATIONS = ("mse", "minmax")
 # Candidate ranges: these fractions of the observed [min, max].
 RANGE_FRACTIONS = np.linspace(0.3, 1.0, 15)
-
-
-def check_calibration(name: str) -> str:
-    if name not in CALIBRATIONS:
-        raise UserError(f"unknown int8 calibration {name!r}; choose from {CALIBRATIONS}")
-    return name
 
 
 def quantization_mse(values: np.ndarray, low: float, high: float) -> float:

@@ -10,52 +10,15 @@ model, gather the images, build the request, export, write the summaries.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 
-from ekg_tf.errors import UserError
+from ekg_tf.export.options import check_inputs
 from ekg_tf.export.weights_io import find_weights, load_slim, sample_indices
 
 
 def _log(msg):
     print(msg, file=sys.stderr, flush=True)
-
-
-def _split(value) -> list[str]:
-    if isinstance(value, str):
-        value = value.split(",")
-    return [v.strip() for v in value if v.strip()]
-
-
-@dataclasses.dataclass
-class ExportInputs:
-    """What to export, checked before any heavy work."""
-    formats: list
-    modes: list            # TFLite quantization modes
-    subnet_path: str
-    representative_path: str
-    export_dir: str
-
-
-def check_inputs(config, workdir, formats=None, quantize=None, subnet=None, export_dir=None,
-                 representative_data=None) -> ExportInputs:
-    from ekg_tf.export import exporter, int8_calibration, saved_model as sm, tflite
-    ecfg = config.export
-    formats = exporter.check_formats(_split(formats or ecfg.formats))
-    modes = tflite.check_modes(_split(quantize or ecfg.quantize)) if "tflite" in formats else []
-    sm.check_contract(ecfg.input_contract)
-    int8_calibration.check_calibration(ecfg.int8_calibration)
-    subnet_path = subnet or os.path.join(workdir, "search", "subnet.json")
-    if not os.path.exists(subnet_path):
-        raise UserError(f"no search result at {subnet_path}: run ekg-search first "
-                        "(or pass --subnet=path/to/subnet.json)")
-    rep_path = representative_data or ecfg.representative_path
-    if rep_path and not os.path.exists(rep_path):
-        raise UserError(f"representative dataset {rep_path!r} does not exist "
-                        "(an .npz with uint8 training images 'x')")
-    return ExportInputs(formats, modes, subnet_path, rep_path,
-                        export_dir or os.path.join(workdir, "export"))
 
 
 def load_model(config, workdir, spec, weights_flag, log):

@@ -22,19 +22,12 @@ import numpy as np
 import tensorflow as tf
 import keras
 
-from ekg_tf.errors import UserError
+from ekg_tf.export.options import check_contract
 
-CONTRACTS = ("images", "images_uint8", "image_bytes")
 OUTPUTS = ("logits", "probabilities", "classes")
 SIGNATURE = "serving_default"
 WARMUP_FILE = os.path.join("assets.extra", "tf_serving_warmup_requests")
 METADATA_FILE = os.path.join("assets.extra", "ekg_export.json")
-
-
-def check_contract(contract: str) -> str:
-    if contract not in CONTRACTS:
-        raise UserError(f"unknown export.input_contract {contract!r}; choose one of {CONTRACTS}")
-    return contract
 
 
 def input_spec(contract: str, image_shape) -> tf.TensorSpec:

@@ -15,27 +15,18 @@ import tensorflow as tf
 
 from ekg_tf.errors import UserError
 from ekg_tf.export import int8_calibration
-
-QUANT_MODES = ("none", "float16", "dynamic", "int8")
+from ekg_tf.export.options import check_calibration, check_modes
 
 
 def artifact_name(mode: str) -> str:
     return "tflite_float32" if mode == "none" else f"tflite_{mode}"
 
 
-def check_modes(modes) -> list[str]:
-    modes = [m.strip() for m in modes if m.strip()]
-    bad = [m for m in modes if m not in QUANT_MODES]
-    if bad:
-        raise UserError(f"unknown quantization mode(s) {bad}; choose from {QUANT_MODES}")
-    return modes
-
-
 def convert(saved_model_dir: str, mode: str, representative_images=None,
             int8_io: bool = False, calibration: str = "mse") -> bytes:
     """Converts the `serving_default` signature of a SavedModel to a TFLite flatbuffer."""
     check_modes([mode])
-    int8_calibration.check_calibration(calibration)
+    check_calibration(calibration)
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir,
                                                          signature_keys=["serving_default"])
     if mode == "float16":

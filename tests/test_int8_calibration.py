@@ -5,7 +5,8 @@ searched to 0.45 MACs: agreement with Keras above the converter's min/max ranges
 import numpy as np
 import pytest
 
-from ekg_tf.export.int8_calibration import check_calibration, mse_range, quantization_mse
+from ekg_tf.export.int8_calibration import mse_range, quantization_mse
+from ekg_tf.export.options import check_calibration
 
 
 def test_quantization_mse_matches_uniform_rounding_noise():

@@ -25,13 +25,13 @@ flags.DEFINE_integer("seed", 0, "Shuffle seed for batch-statistics evaluation.")
 
 def main(argv):
     config, _ = common.setup(argv)
+    if not config.model.init:  # refused before TensorFlow loads
+        raise common.UserError("nothing to evaluate: set --config.model.init to a weights file "
+                               "(.npz/.pkl/.weights.h5) or a checkpoint directory")
     from ekg_tf import data, flops, train
     from ekg_tf.distribute import make_strategy
     from ekg_tf.subnet import SubnetSpec
 
-    if not config.model.init:
-        raise common.UserError("nothing to evaluate: set --config.model.init to a weights file "
-                               "(.npz/.pkl/.weights.h5) or a checkpoint directory")
     strategy = make_strategy(config.strategy)
     dcfg = config.data
     test_arrays = None if dcfg.source == "tfds" else data.load_arrays(dcfg, "test")

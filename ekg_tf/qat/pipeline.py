@@ -191,17 +191,22 @@ def summary(report: dict, result: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------- ekg-qat
-def float_network(config, workdir: str, weights: str | None, log):
+def search_result(workdir: str) -> str:
+    """The path of the workdir's sub-network spec, or a UserError saying what to run."""
+    spec_path = os.path.join(workdir, "search", "subnet.json")
+    if not os.path.exists(spec_path):
+        raise UserError(f"no search result at {spec_path}: run ekg-search first (then "
+                        "ekg-finetune), which writes it")
+    return spec_path
+
+
+def float_network(config, workdir: str, spec_path: str, weights: str | None, log):
     """(float slim Keras model, info): the fine-tuned network, or the search's weights
     slimmed with BN statistics re-estimated on training images (as ekg-export takes them)."""
     from ekg_tf.data import load_arrays, normalize
     from ekg_tf.slimming import recalibrate_batch_norm
     from ekg_tf.subnet import SubnetSpec
     from ekg_tf.export.weights_io import find_weights, load_slim, sample_indices
-    spec_path = os.path.join(workdir, "search", "subnet.json")
-    if not os.path.exists(spec_path):
-        raise UserError(f"no search result at {spec_path}: run ekg-search first (then "
-                        "ekg-finetune), which writes it")
     spec = SubnetSpec.from_json(spec_path)
     weights, fine_tuned = find_weights(workdir, weights, config.model.init)
     slim, gated = load_slim(config, spec, weights)
@@ -220,17 +225,18 @@ def float_network(config, workdir: str, weights: str | None, log):
 def run_qat(config, workdir: str, weights: str | None = None, log=None) -> dict:
     """The ekg-qat job (module doc): returns the summary; the report is in workdir/qat/export/."""
     from ekg_tf.config import resolve
-    from ekg_tf.data import load_arrays, normalization_for
-    from ekg_tf.export.weights_io import sample_indices
     log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
     config = resolve(config)
     check_settings(config)
     check_packages()
-    from ekg_tf.finetune.runner import check_settings as check_finetune
-    check_finetune(config)  # the QAT run takes views, jitter, temperature... from finetune
     bank_dir = os.path.join(workdir, "memory_bank")
     mode = resolve_mode(str(config.qat.mode), bank_dir)
-    float_model, info = float_network(config, workdir, weights, log)
+    spec_path = search_result(workdir)  # these checks come before TensorFlow loads
+    from ekg_tf.data import load_arrays, normalization_for
+    from ekg_tf.export.weights_io import sample_indices
+    from ekg_tf.finetune.runner import check_settings as check_finetune
+    check_finetune(config)  # the QAT run takes views, jitter, temperature... from finetune
+    float_model, info = float_network(config, workdir, spec_path, weights, log)
     out_dir = os.path.join(workdir, "qat")
     norm_name = config.data.get("normalization") or config.data.name
     normalization = normalization_for(norm_name)
