@@ -83,3 +83,32 @@ def test_eval_tfds_without_network_explains_alternatives(tmp_path, reference_npz
         f"--config.data.tfds_data_dir={tmp_path}")
     assert code == 2 and "Traceback" not in err
     assert "--config.data.source=npz" in err and "tfds_manual_dir" in err
+
+
+_BEFORE_TF = """
+import json, runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_module(sys.argv[0], run_name="__main__")
+except SystemExit as e:
+    print(json.dumps({"code": e.code, "tensorflow": "tensorflow" in sys.modules}))
+"""
+
+
+@pytest.mark.parametrize("module,args,message", [
+    ("ekg_tf.export.cli", ["--config=configs/quickstart.py", "--formats=tensorrt"],
+     "unknown export format"),
+    ("ekg_tf.export.cli", ["--config=configs/quickstart.py"], "no search result"),
+    ("ekg_tf.cli.qat", ["--config=configs/cifar10_resnet56.py"], "no search result"),
+    ("ekg_tf.cli.eval", ["--config=configs/synthetic.py"], "nothing to evaluate"),
+])
+def test_bad_input_is_refused_before_tensorflow_loads(tmp_path, module, args, message):
+    """A bad flag or a missing input costs a user a fraction of a second, not an import of
+    TensorFlow (and the same one-line error as later checks give)."""
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT)
+    out = subprocess.run([sys.executable, "-c", _BEFORE_TF, module, *args,
+                          f"--workdir={tmp_path}"], cwd=REPO_ROOT, capture_output=True,
+                         text=True, timeout=120, env=env)
+    lines = out.stdout.strip().splitlines()
+    assert json.loads(lines[-1]) == {"code": 2, "tensorflow": False}, out.stderr[-2000:]
+    assert message in json.loads(lines[-2])["error"] and "Traceback" not in out.stderr
