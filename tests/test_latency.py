@@ -13,7 +13,7 @@ import pytest
 from ekg_tf.errors import UserError
 from ekg_tf.graph.gated import GatedModel
 from ekg_tf.latency import LatencyModel, LatencyTable, Runtime
-from ekg_tf.latency.model import segment_grids
+from ekg_tf.latency.model import ANCHOR_TIMINGS, segment_grids
 from ekg_tf.latency.segments import segment_graph, segment_model
 from ekg_tf.models import build_model
 from ekg_tf.subnet_search.search import EKGSearch, SearchSettings
@@ -109,10 +109,29 @@ def test_cells_slower_than_a_wider_cell_are_the_ones_timed_again(tmp_path):
 def test_latency_model_times_caches_and_predicts(tmp_path, runtime):
     """Real timings of a tiny model's blocks and networks on the real runtime: predictions
     are exact at the two measured networks, a second model reads the cache (times
-    nothing), narrower widths are faster, and a search's latency target reads the model."""
+    nothing), narrower widths are faster, and a search's latency target reads the model.
+    Each of the two networks is timed ANCHOR_TIMINGS times and keeps the median."""
     gated = GatedModel(_tiny_model())
     rt = Runtime(runtime, 1)
-    model = LatencyModel(gated, rt, 1, str(tmp_path), round_to=32, runs=5)
+    model = LatencyModel(gated, rt, 1, str(tmp_path), round_to=32, runs=5, build=False)
+    timings, anchors = [], []  # every timing; (timings within an anchor, its value)
+    time_network, time_anchor = model.time_network, model.time_anchor
+
+    def record_timing(m):
+        timings.append(time_network(m))
+        return timings[-1]
+
+    def record_anchor(m):
+        start = len(timings)
+        anchors.append((None, time_anchor(m)))
+        anchors[-1] = (timings[start:], anchors[-1][1])
+        return anchors[-1][1]
+
+    model.time_network, model.time_anchor = record_timing, record_anchor
+    model.build()
+    assert len(anchors) == 2 and all(len(t) == ANCHOR_TIMINGS and ms == np.median(t)
+                                     for t, ms in anchors)
+    assert sorted(ms for _, ms in anchors) == [model.narrowest_ms, model.dense_ms]
     # blocks: the stem, the residual block (with the pooling), the classifier; 2 widths each
     assert [len(s.groups) for s in model.segments] == [1, 2, 1]
     assert not model.missing() and len(model.table) == len(model.cells()) == 2 + 4 + 2
