@@ -121,7 +121,9 @@ def main():
           f"({build_s:.0f} s), {retimed} slow cells timed again; {len(model.segments)} blocks, "
           f"{len({s.signature for s in model.segments})} distinct; measured dense "
           f"{model.dense_ms:.3f} ms, narrowest {model.narrowest_ms:.3f} ms; block sums "
-          f"{model.blocks_ms({}):.3f} ms dense, scale {model.calibration()[1]:.3f}")
+          f"{model.blocks_ms({}):.3f} ms dense; the line through {len(model._networks())} "
+          f"measured networks: ms = {model.calibration()[0]:.3f} + "
+          f"{model.calibration()[1]:.3f} x blocks")
     if args.build_only:
         print(json.dumps({"runtime": runtime.describe(), "batch": args.batch,
                           "table": model.table.path, "cells": len(model.table),

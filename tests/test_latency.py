@@ -108,12 +108,14 @@ def test_cells_slower_than_a_wider_cell_are_the_ones_timed_again(tmp_path):
 @pytest.mark.parametrize("runtime", ["tflite", "onnxruntime"])
 def test_latency_model_times_caches_and_predicts(tmp_path, runtime):
     """Real timings of a tiny model's blocks and networks on the real runtime: predictions
-    are exact at the two measured networks, a second model reads the cache (times
-    nothing), narrower widths are faster, and a search's latency target reads the model.
-    Each of the two networks is timed ANCHOR_TIMINGS times and keeps the median."""
+    are the least-squares line through the measured networks (the unpruned, the narrowest
+    and the random calibration ones, each the median of ANCHOR_TIMINGS timings), a second
+    model reads the cache (times nothing), narrower widths are faster, and a search's
+    latency target reads the model."""
     gated = GatedModel(_tiny_model())
     rt = Runtime(runtime, 1)
-    model = LatencyModel(gated, rt, 1, str(tmp_path), round_to=32, runs=5, build=False)
+    model = LatencyModel(gated, rt, 1, str(tmp_path), round_to=32, runs=5, build=False,
+                         calibration_networks=2)
     timings, anchors = [], []  # every timing; (timings within an anchor, its value)
     time_network, time_anchor = model.time_network, model.time_anchor
 
@@ -129,19 +131,23 @@ def test_latency_model_times_caches_and_predicts(tmp_path, runtime):
 
     model.time_network, model.time_anchor = record_timing, record_anchor
     model.build()
-    assert len(anchors) == 2 and all(len(t) == ANCHOR_TIMINGS and ms == np.median(t)
-                                     for t, ms in anchors)
-    assert sorted(ms for _, ms in anchors) == [model.narrowest_ms, model.dense_ms]
+    assert len(anchors) == 2 + 2 and all(len(t) == ANCHOR_TIMINGS and ms == np.median(t)
+                                         for t, ms in anchors)
+    assert {model.narrowest_ms, model.dense_ms} <= {ms for _, ms in anchors}
     # blocks: the stem, the residual block (with the pooling), the classifier; 2 widths each
     assert [len(s.groups) for s in model.segments] == [1, 2, 1]
     assert not model.missing() and len(model.table) == len(model.cells()) == 2 + 4 + 2
-    # exact at the two measured networks; the narrowest one is faster
-    assert model.predict_ms({}) == pytest.approx(model.dense_ms)
+    # the line through the measured networks (recomputed here from the table)
+    measured = [(model.blocks_ms(r), model.table.networks[k]) for k, r in model._networks()]
+    slope, intercept = np.polyfit(*np.array(measured).T, 1)
     narrow = {g.name: 0.5 for g in gated.gate_groups}  # 32 of 64 channels: 1/4 of the MACs
-    assert model.predict_ms(narrow) == pytest.approx(model.narrowest_ms)
+    for rates in ({}, narrow, model.calibration_rates[0]):
+        assert model.predict_ms(rates) == pytest.approx(intercept + slope * model.blocks_ms(rates))
     assert model.narrowest_ms < 0.8 * model.dense_ms
+    assert model.predict_ms(narrow) < 0.8 * model.predict_ms({})
     assert model.blocks_ms(narrow) < 0.8 * model.blocks_ms({})
-    again = LatencyModel(gated, rt, 1, str(tmp_path), round_to=32, runs=5, build=False)
+    again = LatencyModel(gated, rt, 1, str(tmp_path), round_to=32, runs=5, build=False,
+                         calibration_networks=2)
     assert again.build() == 0 and again.dense_ms == model.dense_ms
     # the search's target is a fraction of this model's predicted latency
     settings = SearchSettings(target_metric="latency", target_ms=0.9 * model.dense_ms,
