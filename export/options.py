@@ -18,7 +18,7 @@ CALIBRATIONS = ("mse", "minmax")                           # int8 activation ran
 
 
 def split(value) -> list[str]:
-    """"a, b" or ["a", " b"] -> ["a", "b"]."""
+    """'a, b' or ['a', ' b'] -> ['a', 'b']."""
     if isinstance(value, str):
         value = value.split(",")
     return [v.strip() for v in value if v.strip()]

@@ -19,8 +19,8 @@ layout conversions a runtime makes at a model's input and output), which a per-b
 sum would count about thirty times over. A line through measured sub-networks rather
 than through the unpruned and the narrowest network alone: in onnxruntime the unpruned
 ResNet-56 (every width a multiple of the 16-channel NCHWc block) lies off the line of
-its pruned networks, and a map anchored on it predicted a searched network 19% slow. The kept widths are `gates.kept_count` at
-each group's `round_to`, the widths every other part sees, so with aligned widths
+its pruned networks, and a map anchored on it predicted a searched network 19% slow.
+The kept widths are `gates.kept_count` at each group's `round_to`, the widths every other part sees, so with aligned widths
 (round_to 8 or 16) the grid is the aligned widths themselves (up to `max_cells` cells
 per block) and nothing is interpolated.
 
@@ -54,12 +54,12 @@ MAX_POINTS = 9        # grid points per group and block at most
 MAX_CELLS = 256       # cells (width combinations) per block at most
 RETIME_TOLERANCE = 0.10  # a cell this much slower than a wider one of its block is re-timed
 RETIME_PASSES = 2
-# The two whole networks every prediction is anchored on are each timed this many times
-# (a fresh session each) and keep the median: one timing of the unpruned ResNet-56 in
+# The whole networks the predictions are fitted on are each timed this many times (a
+# fresh session each) and keep the median: one timing of the unpruned ResNet-56 in
 # TFLite lands now and then in a mode 15-18% slower (1.57-1.59 ms against 1.34-1.36 ms
-# here), and that one number scales every predicted ratio. Not the fastest: it sits
-# below what a deployed session typically measures (1.31 against 1.37-1.40 ms), and
-# predictions anchored on it were 11% fast (median over 24 sub-networks).
+# here), and it divides every predicted ratio. Not the fastest: it sits below what a
+# deployed session typically measures (1.31 against 1.37-1.40 ms), and predictions
+# anchored on it were 11% fast (median over 24 sub-networks).
 ANCHOR_TIMINGS = 3
 CALIBRATION_NETWORKS = 10  # random sub-networks the map is fitted on (with the two above)
 
@@ -138,7 +138,7 @@ class LatencyModel:
     # -- what to time
     def _network_key(self) -> str:
         shape = tuple(self.dependency.graph.tensors[self.dependency.graph.inputs[0]].shape)
-        # "anchors": how the networks are timed (a table of single timings re-times them)
+        # "anchors": how whole networks are timed (a table of single timings re-times them)
         return f"{self.dependency.graph.name}|{shape}|anchors:median{ANCHOR_TIMINGS}|" + ",".join(
             s.signature for s in self.segments)
 
@@ -151,9 +151,6 @@ class LatencyModel:
     def _widths_key(self, rates: dict, what: str) -> str:
         kept = self.kept(rates)
         return f"{self.network_key}|{what}:" + ",".join(str(kept[n]) for n in self.group_names)
-
-    def _narrowest_kept(self) -> dict:
-        return self.kept(self._narrowest_rates())
 
     def _random_rates(self, seed: int) -> dict:
         """A calibration sub-network: every group at a uniformly drawn aligned width."""
@@ -178,7 +175,7 @@ class LatencyModel:
         return out
 
     def missing(self) -> list[tuple]:
-        """What the table lacks: (segment, widths) cells, then ("network", which)."""
+        """What the table lacks: (segment, widths) cells, then ("network", table key)."""
         cells = [(s, w) for s, w in self.cells() if self.table.cell(s.signature, w) is None]
         return cells + [("network", key) for key, _ in self._networks()
                         if key not in self.table.networks]
@@ -200,13 +197,12 @@ class LatencyModel:
         session (one session's slow mode does not move it)."""
         return float(np.median([self.time_network(model) for _ in range(ANCHOR_TIMINGS)]))
 
-    def network(self, which="dense"):
-        """A network as deployed (slimmed, BN folded): the unpruned (`dense`), the
-        `narrowest`, or the sub-network at rates `which` ({group: rate}; absent = 1)."""
+    def network(self, rates: dict):
+        """The sub-network at `rates` ({group: rate}; absent = 1) as deployed (slimmed,
+        BN folded)."""
         from ekg_tf.slimming import fold_batch_norm, slim_model
         from ekg_tf.subnet import GroupState, SubnetSpec
         base = SubnetSpec.from_model(self.gated)
-        rates = {} if which == "dense" else self._narrowest_rates() if which == "narrowest" else which
         spec = SubnetSpec(base.arch, base.num_classes, base.input_shape, {
             n: GroupState(g.channels, rates.get(n, 1.0), g.rank, self.round_to[n])
             for n, g in base.groups.items()})
@@ -220,10 +216,10 @@ class LatencyModel:
         self.log(f"latency table {self.table.path}: timing {len(todo)} block/width cells on "
                  f"{self.runtime.label}, batch {self.batch}")
         t0, last_save = time.time(), time.time()
+        networks = dict(self._networks())  # table key -> rates
         for i, (segment, widths) in enumerate(todo):
-            if segment == "network":
-                rates = dict(self._networks())[widths]
-                self.table.networks[widths] = self.time_anchor(self.network(rates))
+            if segment == "network":  # `widths` is the network's table key
+                self.table.networks[widths] = self.time_anchor(self.network(networks[widths]))
             else:
                 self.table.put_cell(segment.signature, widths, self._time_cell(segment, widths))
             if progress is not None:
@@ -347,8 +343,9 @@ class LatencyModel:
                 "cells": len(self.cells()),
                 "dense_ms": self.table.networks.get(self.network_key),
                 "narrowest_ms": self.table.networks.get(self._narrowest_key()),
-                "calibration_networks": len(self._networks()),
-                "calibration_slope": None if self.missing() else self.calibration()[1]}
+                "fitted_networks": len(self._networks()),
+                # ms = intercept + slope * block sum: [intercept, slope]
+                "calibration_line": None if self.missing() else list(self.calibration())}
 
 
 
